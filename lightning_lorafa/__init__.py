@@ -1,0 +1,39 @@
+"""lightning-lorafa: LoRA-FA fine-tuning for PyTorch Lightning.
+
+``Trainer(callbacks=[LoraFA(r=8)])`` converts the model's linear layers to ``LoraFALinear`` (frozen W
+and A, trainable B), trains B with the gradient-corrected ``LoraFAOptimizer``, and checkpoints only
+the adapter.
+"""
+
+from lightning_lorafa.callback import LoraFA
+from lightning_lorafa.checkpoint import adapter_state_dict, get_lorafa_config, load_adapter, save_adapter
+from lightning_lorafa.convert import (
+    LoraFAConfig,
+    apply_lorafa,
+    count_parameters,
+    find_target_modules,
+    lorafa_layers,
+    merge_lorafa,
+)
+from lightning_lorafa.layer import LoraFALinear
+from lightning_lorafa.optim import LoraFAOptimizer, correct_gradient, create_lorafa_optimizer
+from lightning_lorafa.peft_export import export_peft
+
+__all__ = [
+    "LoraFA",
+    "LoraFAConfig",
+    "LoraFALinear",
+    "LoraFAOptimizer",
+    "adapter_state_dict",
+    "apply_lorafa",
+    "correct_gradient",
+    "count_parameters",
+    "create_lorafa_optimizer",
+    "export_peft",
+    "find_target_modules",
+    "get_lorafa_config",
+    "load_adapter",
+    "lorafa_layers",
+    "merge_lorafa",
+    "save_adapter",
+]

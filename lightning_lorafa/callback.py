@@ -1,0 +1,273 @@
+"""``LoraFA``: the Lightning callback that turns any fine-tuning LightningModule into LoRA-FA training."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state, get_lorafa_config
+from lightning_lorafa.convert import Targets, apply_lorafa, count_parameters, lorafa_layers
+from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
+
+#: Learning rate used when ``configure_optimizers`` returns None and ``LoraFA(lr=...)`` is not given.
+DEFAULT_LR = 1e-4
+
+
+class LoraFA(pl.Callback):
+    """Fine-tune with LoRA-FA: ``Trainer(callbacks=[LoraFA(r=8)])``.
+
+    On ``setup`` the callback converts the module's model (``apply_lorafa``): target ``nn.Linear``
+    layers get a frozen A and a trainable B, everything else is frozen except ``modules_to_save``.
+    A module that builds its model in ``configure_model`` is converted right after that hook.
+    The optimizer that ``configure_optimizers`` returns is replaced by a ``LoraFAOptimizer`` over the
+    trainable parameters only (same param groups, lr and weight decay unless given here; LR schedulers
+    are re-bound to it); if it returns None, the callback supplies one. Checkpoints then hold only the
+    adapter (A, B, modules_to_save) and the optimizer state; ``Trainer.fit(ckpt_path=...)`` restores them
+    into the freshly loaded base model.
+
+    Args:
+        r, alpha, dropout, target_modules, exclude, modules_to_save, seed, use_rslora: see ``apply_lorafa``.
+        lr, weight_decay, betas, eps: optimizer settings; ``None`` takes them from the module's optimizer.
+        gradient_correction: apply the closed-form correction of B's gradient (default True).
+        model_attr: attribute of the LightningModule holding the model to convert. Default: ``model``
+            when the module has such an ``nn.Module`` attribute, else the LightningModule itself.
+        adapter_only_checkpoints: save only the adapter in Lightning checkpoints (default True).
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 32,
+        dropout: float = 0.0,
+        target_modules: Targets = "all-linear",
+        exclude: Targets = None,
+        modules_to_save: list[str] | None = None,
+        seed: int = 0,
+        use_rslora: bool = False,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        gradient_correction: bool = True,
+        model_attr: str | None = None,
+        adapter_only_checkpoints: bool = True,
+    ) -> None:
+        self.lora_kwargs = {
+            "r": r,
+            "alpha": alpha,
+            "dropout": dropout,
+            "target_modules": target_modules,
+            "exclude": exclude,
+            "modules_to_save": modules_to_save,
+            "seed": seed,
+            "use_rslora": use_rslora,
+        }
+        self.optimizer_overrides = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+        self.gradient_correction = gradient_correction
+        self.model_attr = model_attr
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self._wrapped: set[int] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(r=self.lora_kwargs["r"], model_attr=self.model_attr)
+
+    # ----------------------------------------------------------------- conversion
+    def lorafa_model(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
+        """The model this callback converts and its state-dict prefix inside ``pl_module``."""
+        if self.model_attr is not None:
+            model = getattr(pl_module, self.model_attr, None)
+            if not isinstance(model, nn.Module):
+                raise ValueError(
+                    f"LoraFA(model_attr={self.model_attr!r}): {type(pl_module).__name__} has no nn.Module attribute "
+                    f"{self.model_attr!r} (set it in __init__ or configure_model, or pass another model_attr)."
+                )
+            return model, self.model_attr + "."
+        model = getattr(pl_module, "model", None)
+        if isinstance(model, nn.Module):
+            return model, "model."
+        return pl_module, ""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if id(pl_module) not in self._wrapped:
+            self._wrapped.add(id(pl_module))
+            pl_module.configure_optimizers = self._wrap_configure_optimizers(pl_module)
+            if is_overridden("configure_model", pl_module):
+                pl_module.configure_model = self._wrap_configure_model(pl_module)
+                return
+        if not is_overridden("configure_model", pl_module):
+            self.convert(pl_module)
+
+    def _wrap_configure_model(self, pl_module: pl.LightningModule):
+        original = pl_module.configure_model
+
+        @functools.wraps(original)
+        def configure_model() -> None:
+            original()
+            self.convert(pl_module)
+
+        return configure_model
+
+    def convert(self, pl_module: pl.LightningModule) -> list[str]:
+        """Convert the module's model (once) and prepare it for adapter-only checkpoint loading."""
+        model, prefix = self.lorafa_model(pl_module)
+        if getattr(model, "lorafa_config", None) is not None:
+            return get_lorafa_config(model).target_modules
+        names = apply_lorafa(model, **self.lora_kwargs)
+        pl_module.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
+        self._log_conversion(pl_module, model, names)
+        return names
+
+    def _log_conversion(self, pl_module: pl.LightningModule, model: nn.Module, names: list[str]) -> None:
+        config = get_lorafa_config(model)
+        trainable, total = count_parameters(pl_module)
+        b_params = sum(layer.lora_B.numel() for layer in lorafa_layers(model).values())
+        scaling = next(iter(lorafa_layers(model).values())).scaling
+        rank_zero_info(
+            f"LoRA-FA: converted {len(names)} linear layers of {type(model).__name__} "
+            f"(r={config.r}, alpha={config.alpha}, scaling={scaling:g}, dropout={config.dropout}): "
+            f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}"
+            + (f"; fully trained: {', '.join(config.modules_to_save)}" if config.modules_to_save else "")
+        )
+        rank_zero_info(
+            f"LoRA-FA: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%): "
+            f"B = r * sum(d_out) = {b_params:,}, modules_to_save = {trainable - b_params:,}"
+        )
+
+    # ----------------------------------------------------------------- optimizer
+    def _wrap_configure_optimizers(self, pl_module: pl.LightningModule):
+        original = pl_module.configure_optimizers
+
+        @functools.wraps(original)
+        def configure_optimizers() -> Any:
+            return self.replace_optimizers(pl_module, original())
+
+        return configure_optimizers
+
+    def replace_optimizers(self, pl_module: pl.LightningModule, result: Any) -> Any:
+        """Return ``result`` (any ``configure_optimizers`` return shape) with each optimizer replaced by a
+        ``LoraFAOptimizer`` over its trainable parameters and each LR scheduler re-bound to the replacement."""
+        model, _ = self.lorafa_model(pl_module)
+        lora_layers = lora_layers_by_parameter(model)
+        if not lora_layers:
+            raise RuntimeError("LoraFA: the model has no LoRA-FA layers when configure_optimizers runs.")
+        if result is None:
+            params = [p for p in pl_module.parameters() if p.requires_grad]
+            optimizer = self._build(params_groups=[{"params": params, "lr": DEFAULT_LR}], lora_layers=lora_layers)
+            rank_zero_info(f"LoRA-FA: configure_optimizers returned None; using {self._describe(optimizer)}.")
+            return optimizer
+        replaced: dict[int, LoraFAOptimizer] = {}
+
+        def swap_optimizer(old: torch.optim.Optimizer) -> LoraFAOptimizer:
+            if id(old) not in replaced:
+                replaced[id(old)] = self._replace(old, lora_layers)
+                rank_zero_info(f"LoRA-FA: replaced {type(old).__name__} by {self._describe(replaced[id(old)])}.")
+            return replaced[id(old)]
+
+        def swap(obj: Any) -> Any:
+            if isinstance(obj, LoraFAOptimizer):
+                return obj
+            if isinstance(obj, torch.optim.Optimizer):
+                return swap_optimizer(obj)
+            if isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+                _rebind_scheduler(obj, swap(obj.optimizer))
+                return obj
+            if isinstance(obj, dict):
+                return {key: swap(value) for key, value in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(swap(value) for value in obj)
+            return obj
+
+        return swap(result)
+
+    def _replace(self, old: torch.optim.Optimizer, lora_layers: dict) -> LoraFAOptimizer:
+        ours = {"lr", "betas", "eps", "weight_decay"}
+        dropped = set(old.defaults) - ours  # e.g. amsgrad, foreach, momentum: not AdamW-HF settings
+        groups = []
+        for group in old.param_groups:
+            new = {key: value for key, value in group.items() if key != "params" and key not in dropped}
+            new["params"] = [p for p in group["params"] if p.requires_grad]
+            lr = self.optimizer_overrides["lr"]
+            if lr is not None:
+                base = new.get("initial_lr", new["lr"])
+                new["lr"] = lr * (new["lr"] / base if base else 1.0)
+                if "initial_lr" in new:
+                    new["initial_lr"] = lr
+            new.update({k: v for k, v in self.optimizer_overrides.items() if v is not None and k != "lr"})
+            groups.append(new)
+        if not any(group["params"] for group in groups):
+            raise ValueError(
+                f"The {type(old).__name__} from configure_optimizers holds none of the LoRA-FA trainable parameters. "
+                "Build it over self.parameters() (the callback keeps only the trainable ones), or return None."
+            )
+        return self._build(groups, lora_layers)
+
+    def _build(self, params_groups: list[dict], lora_layers: dict) -> LoraFAOptimizer:
+        overrides = {k: v for k, v in self.optimizer_overrides.items() if v is not None}
+        return LoraFAOptimizer(
+            params_groups, lora_layers=lora_layers, gradient_correction=self.gradient_correction, **overrides
+        )
+
+    @staticmethod
+    def _describe(optimizer: LoraFAOptimizer) -> str:
+        tensors = sum(len(g["params"]) for g in optimizer.param_groups)
+        lrs = sorted({g["lr"] for g in optimizer.param_groups})
+        wds = sorted({g["weight_decay"] for g in optimizer.param_groups})
+        return (
+            f"LoraFAOptimizer over {tensors} trainable tensors (lr={lrs}, weight_decay={wds}, "
+            f"gradient_correction={optimizer.defaults['gradient_correction']})"
+        )
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        model, prefix = self.lorafa_model(pl_module)
+        if not self.adapter_only_checkpoints or getattr(model, "lorafa_config", None) is None:
+            return
+        keep = set(adapter_keys(model, prefix))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lora": dict(self.lora_kwargs), "adapter_only_checkpoints": self.adapter_only_checkpoints}
+
+    def _load_state_dict_pre_hook(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Before ``pl_module.load_state_dict``: check the adapter tensors of the checkpoint (names, shapes,
+        rank) and fill in the frozen base tensors that an adapter-only checkpoint leaves out."""
+        model, model_prefix = self.lorafa_model(module)
+        own = module.state_dict(prefix=prefix, keep_vars=True)
+        expected = {key: own[key] for key in adapter_keys(model, prefix + model_prefix)}
+        given = {
+            key: value for key, value in state_dict.items() if key in expected or key.endswith((".lora_A", ".lora_B"))
+        }
+        check_adapter_state(expected, given, "The checkpoint", get_lorafa_config(model).r)
+        for key, value in own.items():
+            state_dict.setdefault(key, value.detach())
+
+
+def _rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Point an LR scheduler built over the user's optimizer at the replacement optimizer."""
+    scheduler.optimizer = optimizer
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    _track_step_calls(optimizer)
+
+
+def _track_step_calls(optimizer: torch.optim.Optimizer) -> None:
+    """Mark ``optimizer.step`` the way ``torch.optim.lr_scheduler`` does when it is built over an optimizer,
+    so that it knows ``optimizer.step()`` ran before ``scheduler.step()``."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True
+        return step(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper

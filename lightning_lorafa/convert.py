@@ -1,0 +1,234 @@
+"""Finding the linear layers of a model and replacing them by LoRA-FA layers (and back)."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from lightning_lorafa.layer import LoraFALinear, check_lora_arguments
+
+#: Module names treated as output heads: "all-linear" leaves them alone (train them with ``modules_to_save``).
+OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+
+Targets = str | Iterable[str] | None
+
+
+@dataclass
+class LoraFAConfig:
+    """What ``apply_lorafa`` did to a model; stored on it as ``model.lorafa_config``."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=list)  # converted module names, in model order
+    modules_to_save: list[str] = field(default_factory=list)  # fully trained module names
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_patterns(spec: Targets) -> tuple[str | None, list[str]]:
+    """Split a target spec into (regex, names). A string is a full-match regex; a list holds names/suffixes."""
+    if spec is None:
+        return None, []
+    if isinstance(spec, str):
+        return spec, []
+    return None, list(spec)
+
+
+def name_matches(name: str, spec: Targets) -> bool:
+    """PEFT's matching rule: a string spec is a regex that must match the whole name; a list entry
+    matches the name itself or any name ending in ``"." + entry``."""
+    regex, names = _as_patterns(spec)
+    if regex is not None:
+        return re.fullmatch(regex, name) is not None
+    return any(name == n or name.endswith("." + n) for n in names)
+
+
+def _is_under(name: str, roots: Iterable[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = {name for name, _ in model.named_modules() if name_matches(name, list(OUTPUT_HEAD_NAMES))}
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    output = get_output_embeddings() if callable(get_output_embeddings) else None
+    if output is not None:
+        heads |= {name for name, module in model.named_modules() if module is output}
+    return heads
+
+
+def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear", exclude: Targets = None) -> list[str]:
+    """Names of the modules ``apply_lorafa`` would convert, in ``named_modules`` order.
+
+    ``"all-linear"`` selects every ``nn.Linear`` except output heads (``lm_head``, ``classifier``, ``score``, ...);
+    a string is a full-match regex over module names; a list holds names or dotted suffixes (``"q_proj"``).
+
+    Raises:
+        ValueError: nothing matches (the message lists the linear layers that exist).
+        TypeError: a matched module is not an ``nn.Linear``.
+    """
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        selected = [name for name in linears if not _is_under(name, heads)]
+        candidates = dict.fromkeys(selected)
+    else:
+        candidates = {
+            name: module for name, module in model.named_modules() if name and name_matches(name, target_modules)
+        }
+    names = [name for name in candidates if not (exclude is not None and name_matches(name, exclude))]
+    if not names:
+        shown = ", ".join(_shorten(linears)) or "none"
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude={exclude!r}) matches no module of "
+            f"{type(model).__name__}. Its nn.Linear layers are: {shown}. Pass names or suffixes of those "
+            "(e.g. ['query', 'value']), a regex, or 'all-linear'."
+        )
+    modules = dict(model.named_modules())
+    wrong = [f"{name} ({type(modules[name]).__name__})" for name in names if not isinstance(modules[name], nn.Linear)]
+    if wrong:
+        raise TypeError(
+            f"LoRA-FA adapts nn.Linear layers only; target_modules={target_modules!r} matched: {', '.join(wrong)}. "
+            "Narrow target_modules (a list of suffixes matches whole name components) or add them to exclude."
+        )
+    return names
+
+
+def _shorten(names: list[str], limit: int = 40) -> list[str]:
+    """Distinct last name components first (what users pass as suffixes), then a sample of full names."""
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+    return (
+        [f"suffixes {suffixes}"] + names[:limit] + ([f"... ({len(names) - limit} more)"] if len(names) > limit else [])
+    )
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Seed of the A matrix of the layer called ``name``: distinct per layer, reproducible from ``seed``."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def lorafa_layers(model: nn.Module) -> dict[str, LoraFALinear]:
+    """The LoRA-FA layers of ``model`` by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraFALinear)}
+
+
+def apply_lorafa(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    target_modules: Targets = "all-linear",
+    exclude: Targets = None,
+    modules_to_save: Iterable[str] | None = None,
+    seed: int = 0,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers.
+
+    Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``
+    (names or suffixes, e.g. ``["classifier"]``), which train fully. A of the layer called ``name`` is
+    drawn from ``layer_seed(seed, name)``. The applied settings are stored as ``model.lorafa_config``.
+
+    Returns:
+        The converted module names.
+
+    Raises:
+        ValueError: bad ``r``/``alpha``/``dropout``, ``r`` larger than a target's ``min(d_in, d_out)``,
+            no module matches, a ``modules_to_save`` entry matches nothing, or the model is already converted.
+        TypeError: a target is not an ``nn.Linear``.
+
+    Nothing is changed when an error is raised.
+    """
+    check_lora_arguments(r, alpha, dropout)
+    existing = lorafa_layers(model)
+    if existing:
+        raise ValueError(
+            f"{type(model).__name__} already has {len(existing)} LoRA-FA layers (e.g. {next(iter(existing))}). "
+            "Convert a fresh model, or call merge_lorafa(model) first to fold the adapters into plain linears."
+        )
+    save_names = _resolve_modules_to_save(model, modules_to_save)
+    names = [name for name in find_target_modules(model, target_modules, exclude) if not _is_under(name, save_names)]
+    if not names:
+        raise ValueError(f"Every module matched by target_modules={target_modules!r} lies inside modules_to_save.")
+    modules = dict(model.named_modules())
+    too_small = [
+        f"{name} ({modules[name].in_features} -> {modules[name].out_features})"
+        for name in names
+        if r > min(modules[name].in_features, modules[name].out_features)
+    ]
+    if too_small:
+        raise ValueError(
+            f"r={r} exceeds min(in_features, out_features) of: {', '.join(too_small)}. Choose a smaller r."
+        )
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        layer = LoraFALinear(
+            modules[name], r, alpha, dropout=dropout, use_rslora=use_rslora, seed=layer_seed(seed, name)
+        )
+        setattr(parent, child, layer)
+
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(param_name.endswith("lora_B") or _is_under(param_name, save_names))
+    model.lorafa_config = LoraFAConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(dropout),
+        use_rslora=use_rslora,
+        seed=seed,
+        target_modules=names,
+        modules_to_save=save_names,
+    )
+    return names
+
+
+def _resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
+    if not modules_to_save:
+        return []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    resolved, missing = [], []
+    for entry in modules_to_save:
+        found = [name for name, _ in model.named_modules() if name and name_matches(name, [entry])]
+        # Keep the outermost match only: "classifier" should not also list "classifier.dense".
+        found = [name for name in found if not _is_under(name.rpartition(".")[0], found)]
+        if found:
+            resolved.extend(found)
+        else:
+            missing.append(entry)
+    if missing:
+        top = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f"modules_to_save entries {missing} match no module of {type(model).__name__} "
+            f"(its top-level modules are {top}). Pass module names or suffixes, e.g. ['classifier']."
+        )
+    return list(dict.fromkeys(resolved))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts. For LoRA-FA, trainable = r * sum(d_out) + modules_to_save."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def merge_lorafa(model: nn.Module) -> nn.Module:
+    """Fold every LoRA-FA layer into its base linear and put the plain ``nn.Linear`` back in its place.
+
+    Returns ``model`` (changed in place), ready for inference or export as a plain model.
+    """
+    modules = dict(model.named_modules())
+    for name, layer in lorafa_layers(model).items():
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer.base)
+    if hasattr(model, "lorafa_config"):
+        del model.lorafa_config
+    return model

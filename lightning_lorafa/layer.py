@@ -1,0 +1,178 @@
+"""The LoRA-FA layer: a frozen linear plus a low-rank branch whose down-projection A is frozen too.
+
+    y = base(x) + s * dropout(x) A^T B^T        x: (..., d_in), A: (r, d_in), B: (d_out, r)
+
+Only B trains. Its gradient needs ``h = dropout(x) A^T`` (..., r), and the input gradient needs
+W, A, B and the dropout mask, so backward keeps ``h`` and a dropout seed, never ``x`` (..., d_in)
+nor a mask. The frozen ``base(x)`` keeps only its weight (autograd saves ``x`` for a linear only
+when the weight needs a gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lightning_lorafa.dropout import draw_seed, dropout_scale
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the branch computes in: autocast's when autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _LoraFABranch(torch.autograd.Function):
+    """``s * dropout(x) A^T B^T`` saving ``h = dropout(x) A^T`` and a seed instead of x and a mask."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int):  # noqa: D102
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xd = x.to(dtype)
+            if p > 0.0:
+                xd = xd * dropout_scale(x.shape, p, seed, x.device, dtype)  # (..., d_in)
+            h = xd @ lora_A.to(dtype).t()  # (..., r)
+            out = (h @ lora_B.to(dtype).t()) * scaling  # (..., d_out)
+        ctx.save_for_backward(h, lora_A, lora_B)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        h, lora_A, lora_B = ctx.saved_tensors
+        dtype = h.dtype
+        grad_out = grad_out.to(dtype)
+        grad_x = grad_B = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if ctx.needs_input_grad[2]:
+                dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+                grad_B = (dy.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scaling).to(lora_B.dtype)  # (d_out, r)
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_out @ lora_B.to(dtype)) @ lora_A.to(dtype)  # (..., d_in)
+                grad_x = grad_x.mul_(ctx.scaling)
+                if ctx.p > 0.0:
+                    grad_x = grad_x.mul_(dropout_scale(ctx.x_shape, ctx.p, ctx.seed, grad_x.device, dtype))
+                grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, None, grad_B, None, None, None
+
+
+def init_lora_A(lora_A: torch.Tensor, seed: int) -> torch.Tensor:
+    """Fill ``lora_A`` (r, d_in) in place like PEFT's LoRA A (Kaiming-uniform, a=sqrt(5)), from ``seed``.
+
+    The draw happens on CPU in float32, so the same seed gives the same A on every device and dtype.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.empty(lora_A.shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+    with torch.no_grad():
+        return lora_A.copy_(values)
+
+
+class LoraFALinear(nn.Module):
+    """A frozen ``nn.Linear`` with a LoRA-FA branch: ``y = base(x) + s * dropout(x) A^T B^T``.
+
+    Args:
+        base: the linear layer to adapt; its parameters are frozen. Shapes: weight (d_out, d_in).
+        r: rank of the branch, ``1 <= r <= min(d_in, d_out)``.
+        alpha: scale numerator: ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: probability of dropping entries of x on the branch, in [0, 1). Its mask is
+            regenerated in backward from a seed, so it costs no activation memory.
+        use_rslora: use rank-stabilised scaling ``alpha / sqrt(r)``.
+        seed: seed of A's Kaiming-uniform draw (A is a frozen buffer, saved in state dicts).
+
+    Attributes:
+        lora_A: buffer (r, d_in), frozen.
+        lora_B: parameter (d_out, r), zero-initialised, the only trainable tensor.
+        scaling: ``s``.
+        merged: whether ``s * B A`` is currently folded into ``base.weight``.
+
+    Raises:
+        TypeError: ``base`` is not an ``nn.Linear``.
+        ValueError: ``r``, ``alpha`` or ``dropout`` out of range.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_lora_arguments(r, alpha, dropout)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__}.")
+        if r > min(base.in_features, base.out_features):
+            raise ValueError(
+                f"r={r} exceeds min(in_features, out_features)={min(base.in_features, base.out_features)} "
+                f"of this layer ({base.in_features} -> {base.out_features}); choose a smaller r."
+            )
+        self.base = base
+        self.base.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.use_rslora, self.seed = r, alpha, float(dropout), use_rslora, seed
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        self.register_buffer("lora_A", torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        if self.lora_A.device.type != "meta":
+            init_lora_A(self.lora_A, seed)
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> (..., d_out)."""
+        y = self.base(x)
+        if self.merged:
+            return y
+        p = self.dropout if self.training else 0.0
+        seed = draw_seed() if p > 0.0 else 0
+        branch = _LoraFABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p, seed)
+        return y + branch.to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A`` (d_out, d_in), computed in float32."""
+        return (self.lora_B.detach().float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``s * B A`` into ``base.weight`` (no-op if already merged)."""
+        if not self.merged:
+            weight = self.base.weight
+            weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``s * B A`` from ``base.weight`` again (no-op if not merged)."""
+        if self.merged:
+            weight = self.base.weight
+            weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
+
+
+def check_lora_arguments(r: int, alpha: float, dropout: float) -> None:
+    """Raise ``ValueError`` with advice when ``r``, ``alpha`` or ``dropout`` is out of range."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer (the adapter rank), got {r!r}.")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (scaling is alpha / r), got {alpha!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")

@@ -1,0 +1,176 @@
+"""The LoRA-FA optimizer: AdamW over B (and ``modules_to_save``) with B's gradient corrected.
+
+With A frozen, ``g_B = s * G A^T`` (G: the full-weight gradient). The follow-up paper's closed form
+makes the induced update ``s * g~_B A`` the closest to G in Frobenius norm:
+
+    g~_B = (1 / s^2) * g_B (A A^T)^{-1}           g_B: (d_out, r), (A A^T)^{-1}: (r, r)
+
+A is frozen, so ``(A A^T + ridge I)^{-1}`` is computed once per layer in float32 and cached.
+The correction acts on rows of g_B independently, so it also works on a row-sharded B.
+
+The update is transformers-style AdamW ("adamw_hf", as in PEFT's ``LoraFAOptimizer``): eps added
+to ``sqrt(v)``, bias correction folded into the step size, decoupled weight decay applied after the
+step as ``p -= lr * wd * p``. State is keyed by parameter, like ``torch.optim``, so
+``state_dict``/``load_state_dict`` and sharded-optimizer utilities work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lorafa.convert import lorafa_layers
+from lightning_lorafa.layer import LoraFALinear
+
+#: Added to the diagonal of ``A A^T`` before inverting it.
+RIDGE = 1e-8
+
+
+def correction_matrix(layer: LoraFALinear, ridge: float = RIDGE) -> torch.Tensor:
+    """``(1 / s^2) * (A A^T + ridge I)^{-1}`` (r, r) in float32, cached on the layer while A is unchanged."""
+    lora_A = layer.lora_A
+    key = (lora_A.device, lora_A._version, lora_A.data_ptr(), ridge, layer.scaling)
+    cached = getattr(layer, "_correction_cache", None)
+    if cached is None or cached[0] != key:
+        a = lora_A.detach().float()
+        gram = a @ a.t() + ridge * torch.eye(a.shape[0], device=a.device)
+        matrix = torch.linalg.inv(gram) / layer.scaling**2
+        layer._correction_cache = (key, matrix)
+        return matrix
+    return cached[1]
+
+
+@torch.no_grad()
+def correct_gradient(layer: LoraFALinear, grad: torch.Tensor | None = None) -> None:
+    """Replace B's gradient (d_out, r) in place by ``g_B @ correction_matrix(layer)``.
+
+    ``grad`` defaults to ``layer.lora_B.grad``; a DTensor gradient is corrected on its local rows.
+    """
+    grad = layer.lora_B.grad if grad is None else grad
+    if grad is None:
+        return
+    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    matrix = correction_matrix(layer).to(local.device)
+    local.copy_((local.float() @ matrix).to(local.dtype))
+
+
+class LoraFAOptimizer(torch.optim.Optimizer):
+    """AdamW (transformers style) whose ``step`` first corrects the gradients of LoRA-FA ``lora_B``s.
+
+    Args:
+        params: parameters or param groups (B's and any fully trained parameters).
+        lora_layers: maps each ``lora_B`` parameter to its ``LoraFALinear`` (for A and s). Parameters
+            not in it get plain AdamW. Build it with ``lora_layers_by_parameter(model)``.
+        lr, betas, eps, weight_decay, correct_bias: as in transformers' AdamW (eps default 1e-6).
+        gradient_correction: apply the closed-form correction (default True). Without it this is AdamW.
+
+    Gradient clipping done before ``step`` (Lightning's ``gradient_clip_val``) acts on the raw
+    gradients; the correction is applied after it, inside ``step``, as in PEFT.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lora_layers: Mapping[nn.Parameter, LoraFALinear] | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        gradient_correction: bool = True,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}.")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}.")
+        if eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps}, weight_decay={weight_decay}.")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+            "gradient_correction": gradient_correction,
+        }
+        super().__init__(params, defaults)
+        self.lora_layers: dict[nn.Parameter, LoraFALinear] = dict(lora_layers or {})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params, grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["gradient_correction"] and p in self.lora_layers:
+                    correct_gradient(self.lora_layers[p], p.grad)
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"].item()
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    step_size *= math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                step_sizes.append(-step_size)
+            if not params:
+                continue
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denoms, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
+            if group["weight_decay"] > 0.0:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+        return loss
+
+
+def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFALinear]:
+    """Map each ``lora_B`` parameter of ``model`` to its layer."""
+    return {layer.lora_B: layer for layer in lorafa_layers(model).values()}
+
+
+def create_lorafa_optimizer(
+    model: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    gradient_correction: bool = True,
+) -> LoraFAOptimizer:
+    """A ``LoraFAOptimizer`` over the trainable parameters of a model converted by ``apply_lorafa``.
+
+    Raises:
+        ValueError: the model has no LoRA-FA layers, or an ``lora_A`` requires grad.
+    """
+    layers = lora_layers_by_parameter(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA-FA layers: call apply_lorafa(model, ...) first.")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return LoraFAOptimizer(
+        trainable,
+        lora_layers=layers,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        gradient_correction=gradient_correction,
+    )

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny transformers models built from configs (no download), and small helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 96
+
+
+def tiny_roberta(num_labels: int = 2, dropout: float = 0.0) -> RobertaForSequenceClassification:
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=num_labels,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(config).eval()
+
+
+def tiny_t5() -> T5ForConditionalGeneration:
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+class TwoLayerNet(nn.Module):
+    """A plain (non-transformers) model: two hidden linears and a linear head."""
+
+    def __init__(self, d_in: int = 12, hidden: int = 16, d_out: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden, bias=False)
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def randomize_lora_B(model: nn.Module, seed: int = 1) -> None:
+    """Give every lora_B non-zero values (they start at zero), so the branch shows in outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+@pytest.fixture
+def roberta() -> RobertaForSequenceClassification:
+    return tiny_roberta()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))

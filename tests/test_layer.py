@@ -1,0 +1,198 @@
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_lorafa import LoraFALinear
+from lightning_lorafa.dropout import draw_seed, dropout_scale
+from lightning_lorafa.layer import _LoraFABranch, init_lora_A
+
+
+def make_layer(d_in=12, d_out=10, r=4, alpha=8.0, bias=True, dropout=0.0, dtype=torch.float32, seed=3):
+    torch.manual_seed(0)
+    layer = LoraFALinear(nn.Linear(d_in, d_out, bias=bias, dtype=dtype), r=r, alpha=alpha, dropout=dropout, seed=seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(d_out, r, dtype=dtype))
+    return layer
+
+
+def reference(layer, x, scale=None):
+    """base(x) + s * (dropout(x) A^T) B^T with plain autograd ops (keeps x and the mask)."""
+    xd = x if scale is None else x * scale
+    return layer.base(x) + layer.scaling * (xd @ layer.lora_A.t()) @ layer.lora_B.t()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12), (2, 3, 4, 12)])
+def test_forward_equals_base_plus_scaled_BAx(bias, shape):
+    layer = make_layer(bias=bias)
+    x = torch.randn(*shape)
+    expected = layer.base(x) + layer.scaling * x @ (layer.lora_B @ layer.lora_A).t()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert layer(x).shape == (*shape[:-1], 10)
+
+
+def test_scaling_and_rslora():
+    assert make_layer(r=4, alpha=8).scaling == 2.0
+    layer = LoraFALinear(nn.Linear(12, 10), r=4, alpha=8, use_rslora=True)
+    assert layer.scaling == 8 / math.sqrt(4)
+
+
+def test_init_is_peft_kaiming_and_reproducible():
+    a1, a2 = make_layer(seed=7).lora_A, make_layer(seed=7).lora_A
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, make_layer(seed=8).lora_A)
+    bound = 1 / math.sqrt(12)  # kaiming_uniform(a=sqrt(5)) bound = sqrt(6 / ((1 + 5) * fan_in))
+    assert a1.abs().max() <= bound
+    expected = torch.empty(4, 12)
+    nn.init.kaiming_uniform_(expected, a=math.sqrt(5), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a1, expected)
+    assert torch.equal(make_layer().lora_B * 0, torch.zeros(10, 4))
+    assert torch.count_nonzero(LoraFALinear(nn.Linear(12, 10), r=4, alpha=8).lora_B) == 0
+
+
+def test_only_B_trains():
+    layer = make_layer()
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_B"]
+    assert "lora_A" in dict(layer.named_buffers())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradients_equal_autograd_reference(dropout):
+    layer = make_layer(dropout=dropout).train()
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    dy = torch.randn(3, 5, 10)
+    torch.manual_seed(42)
+    (layer(x) * dy).sum().backward()
+    grad_x, grad_B = x.grad.clone(), layer.lora_B.grad.clone()
+
+    torch.manual_seed(42)  # the same seed draw as the forward above
+    scale = dropout_scale(x.shape, dropout, draw_seed(), x.device, x.dtype) if dropout else None
+    x.grad, layer.lora_B.grad = None, None
+    (reference(layer, x, scale) * dy).sum().backward()
+    torch.testing.assert_close(grad_x, x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_B, layer.lora_B.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_mask_regenerated_exactly_against_stored_mask():
+    layer = make_layer(dropout=0.5).train()
+    x = torch.randn(4, 12, requires_grad=True)
+    torch.manual_seed(5)
+    out = layer(x)
+    out.sum().backward()
+    torch.manual_seed(5)
+    mask = dropout_scale(x.shape, 0.5, draw_seed(), x.device, x.dtype)  # stored by the reference
+    assert 0 < torch.count_nonzero(mask) < mask.numel()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = reference(layer, x_ref, mask)
+    assert torch.equal(out, ref)
+    ref.sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    # eval mode: no dropout at all
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_gradcheck_float64(p):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: _LoraFABranch.apply(x, a, b, 1.5, p, 1234), (x, b))
+
+
+def saved_activation_shapes(layer, x):
+    """Shapes of the tensors autograd keeps for backward that are not parameters or buffers."""
+    weights = {t.data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.append((tuple(t.shape), t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum()
+    return saved
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_backward_keeps_only_xA_not_x(dropout):
+    layer = make_layer(d_in=64, d_out=48, r=4, dropout=dropout).train()
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    saved = saved_activation_shapes(layer, x)
+    assert saved == [((8, 16, 4), 8 * 16 * 4 * 4)]  # h = dropout(x) A^T, float32; no x, no mask
+
+
+def test_input_without_grad_still_trains_B():
+    layer = make_layer()
+    layer(torch.randn(4, 12)).sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    assert layer.base.weight.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers(dtype):
+    layer = make_layer(dtype=dtype)
+    x = torch.randn(4, 12, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == dtype
+    ref = reference(copy.deepcopy(layer).float(), x.detach().float())
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)
+    out.sum().backward()
+    assert x.grad.dtype == dtype and layer.lora_B.grad.dtype == dtype
+
+
+def test_autocast_bf16_keeps_fp32_parameters():
+    layer = make_layer()
+    x = torch.randn(4, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(layer, x).detach(), rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_merge_unmerge_round_trip():
+    layer = make_layer()
+    x = torch.randn(6, 12)
+    before, weight = layer(x), layer.base.weight.detach().clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.base(x), before, rtol=1e-5, atol=1e-6)
+    layer.merge()  # idempotent
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 0}, "r must be a positive integer"),
+        ({"r": 13}, "exceeds min"),
+        ({"alpha": 0}, "alpha must be > 0"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    args = {"r": 4, "alpha": 8, "dropout": 0.0} | kwargs
+    with pytest.raises(ValueError, match=message):
+        LoraFALinear(nn.Linear(12, 20), **args)
+
+
+def test_base_must_be_linear():
+    with pytest.raises(TypeError, match="adapts nn.Linear layers, got Conv1d"):
+        LoraFALinear(nn.Conv1d(3, 3, 1), r=1, alpha=1)
+
+
+def test_init_lora_A_is_device_and_dtype_independent():
+    a16 = init_lora_A(torch.empty(4, 12, dtype=torch.bfloat16), seed=9)
+    a32 = init_lora_A(torch.empty(4, 12), seed=9)
+    assert torch.equal(a16, a32.to(torch.bfloat16))
