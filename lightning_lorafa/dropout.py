@@ -143,8 +143,16 @@ def recomputed_dropout_sdpa(
     """
     if dropout == 0.0 or query.device.type != "cpu":
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-            is_causal=is_causal, position_bias=position_bias, **kwargs,
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            position_bias=position_bias,
+            **kwargs,
         )
     if kwargs.get("softcap") is not None:
         raise ValueError(f"`{RECOMPUTED_DROPOUT_SDPA}` attention does not support `softcap`.")
@@ -153,9 +161,11 @@ def recomputed_dropout_sdpa(
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None and causal and q_length > 1:
-        attention_mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
+        ones = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
+        attention_mask = ones.tril(kv_length - q_length)  # (Sq, Sk), True attends
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = _RecomputedDropoutAttention.apply(query, key, value, position_bias, attention_mask, scaling, dropout, draw_seed())
+    seed = draw_seed()
+    out = _RecomputedDropoutAttention.apply(query, key, value, position_bias, attention_mask, scaling, dropout, seed)
     return out.transpose(1, 2).contiguous(), None
 
 
