@@ -1,0 +1,206 @@
+"""Seed-kept dropout: exact equality with stored-mask references, and nothing mask-sized saved."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama, tiny_roberta, tiny_t5
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lightning_lorafa.dropout import (
+    RECOMPUTED_DROPOUT_SDPA,
+    RecomputedDropout,
+    _RecomputedDropoutAttention,
+    draw_seed,
+    dropout_scale,
+    replace_dropout,
+)
+from lightning_lorafa.memory import measure_saved_activations
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+class StoredMaskDropout(nn.Module):
+    """Reference: the same seed draws and masks as RecomputedDropout, but autograd stores the mask."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * dropout_scale(x.shape, self.p, draw_seed(), x.device, x.dtype)
+
+
+def stored_mask_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Reference: eager attention whose probability dropout draws the seed at the same point, mask stored."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is None and module.is_causal:
+        attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs * dropout_scale(probs.shape, dropout, draw_seed(), probs.device, probs.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("stored_mask_reference", stored_mask_attention)
+AttentionMaskInterface.register("stored_mask_reference", sdpa_mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputed_dropout_equals_stored_mask_reference(device):
+    x = torch.randn(4, 7, 33, device=device, requires_grad=True)
+    grad = torch.randn(4, 7, 33, device=device)
+    outputs, grads = [], []
+    for module in (RecomputedDropout(0.3), StoredMaskDropout(0.3)):
+        torch.manual_seed(5)
+        y = module.train()(x)
+        outputs.append(y)
+        grads.append(torch.autograd.grad(y, x, grad)[0])
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(grads[0], grads[1])
+    dropped = (outputs[0] == 0).float().mean().item()
+    assert 0.2 < dropped < 0.4
+    assert torch.equal(grads[0] == 0, outputs[0] == 0)
+
+
+def test_recomputed_dropout_saves_nothing_where_nn_dropout_saves_its_mask():
+    x = torch.randn(8, 16, 32, requires_grad=True)
+    assert measure_saved_activations(lambda: RecomputedDropout(0.1).train()(x)).total_bytes == 0
+    stored = measure_saved_activations(lambda: nn.Dropout(0.1).train()(x))
+    assert stored.total_bytes == x.numel() * x.element_size()  # on CPU, nn.Dropout keeps a float mask
+
+
+def test_recomputed_dropout_modes_and_arguments():
+    x = torch.randn(3, 5)
+    state = torch.get_rng_state()
+    assert RecomputedDropout(0.5).eval()(x) is x
+    assert RecomputedDropout(0.0).train()(x) is x
+    assert torch.equal(torch.get_rng_state(), state)  # neither drew a seed
+    assert torch.equal(RecomputedDropout(1.0).train()(x), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        RecomputedDropout(1.5)
+
+
+def test_attention_kernel_gradcheck_with_bias_and_mask():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 1, 5, 5, generator=gen) > 0.3
+    mask[..., 0] = True
+
+    def attention(q, k, v, bias):
+        return _RecomputedDropoutAttention.apply(q, k, v, bias, mask, 0.5, 0.25, 11)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v, bias))
+
+
+def _loss_and_grads(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+    torch.manual_seed(123)
+    loss = model(input_ids=input_ids, labels=labels).loss
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    return loss, grads
+
+
+def _stored_mask_copy(model: nn.Module) -> nn.Module:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, name, StoredMaskDropout(child.p))
+    model.set_attn_implementation("stored_mask_reference")
+    return model
+
+
+def _llama_with_attention_dropout() -> nn.Module:
+    model = tiny_llama()
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    return model
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: tiny_roberta(dropout=0.1), _llama_with_attention_dropout], ids=["roberta", "llama"]
+)
+def test_model_loss_and_grads_identical_to_stored_mask_reference(build):
+    """Same seed draws in the same order: the recomputed and the stored-mask model agree bit for bit."""
+    recomputed = build().train()
+    reference = copy.deepcopy(recomputed)
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids if recomputed.config.model_type == "llama" else torch.tensor([0, 1])
+    changed = replace_dropout(recomputed)
+    assert changed[-1] == "attn_implementation"
+    _stored_mask_copy(reference)
+    loss, grads = _loss_and_grads(recomputed, input_ids, labels)
+    ref_loss, ref_grads = _loss_and_grads(reference, input_ids, labels)
+    assert torch.equal(loss, ref_loss)
+    assert len(grads) == len(ref_grads) > 0
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+    torch.manual_seed(0)
+    other_seed = recomputed(input_ids=input_ids, labels=labels).loss
+    assert not torch.equal(other_seed, loss)  # dropout is live: a different seed gives a different loss
+
+
+def test_replace_dropout_keeps_p_mode_and_eval_outputs(input_ids):
+    model = tiny_roberta(dropout=0.1)
+    expected = model(input_ids=input_ids).logits
+    changed = replace_dropout(model)
+    dropouts = [name for name, m in model.named_modules() if isinstance(m, RecomputedDropout)]
+    assert changed == dropouts + ["attn_implementation"]
+    assert len(dropouts) == 1 + 2 * 3 + 1  # embeddings, 3 per layer, classifier
+    assert not any(type(m) is nn.Dropout for m in model.modules())
+    assert all(m.p == 0.1 and not m.training for m in model.modules() if isinstance(m, RecomputedDropout))
+    assert model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
+    assert torch.equal(model(input_ids=input_ids).logits, expected)
+    assert replace_dropout(model) == []
+
+
+@pytest.mark.parametrize("build", [tiny_t5, tiny_llama], ids=["t5", "llama"])
+def test_replace_dropout_switches_t5_and_llama_attention(build):
+    model = build()
+    changed = replace_dropout(model)
+    assert "attn_implementation" in changed
+    assert model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
+
+
+def test_t5_training_forward_matches_sdpa_without_dropout_and_trains_with_it():
+    """T5 passes its relative position bias to attention; with p=0 the kernel is transformers' SDPA."""
+    model = tiny_t5().train()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    expected = model(input_ids=ids, labels=ids).loss
+    replace_dropout(model)
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, expected)
+    for module in model.modules():
+        if hasattr(module, "relative_attention_num_buckets"):
+            module.dropout = 0.2
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert torch.isfinite(loss) and bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+def test_no_saved_tensor_is_a_dropout_mask_after_replace_dropout():
+    batch, seq = 4, 16
+    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def saved(model):
+        return measure_saved_activations(lambda: model(input_ids=input_ids, labels=labels).loss, model)
+
+    model = tiny_roberta(dropout=0.1).train()
+    before = saved(model)
+    assert before.by_op["dropout"] > 0  # the check below can fail: nn.Dropout and SDPA's fallback keep masks
+    replace_dropout(model)
+    after = saved(model)
+    assert "dropout" not in after.by_op
+    kept_by = {"_RecomputedDropoutAttention", "layer_norm", "linear", "gelu", "embedding", "tanh", "cross_entropy"}
+    assert {t.op for t in after.tensors} <= kept_by
+    assert after.total_bytes < before.total_bytes
