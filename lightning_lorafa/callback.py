@@ -159,7 +159,8 @@ class LoraFA(pl.Callback):
             raise RuntimeError("LoraFA: the model has no LoRA-FA layers when configure_optimizers runs.")
         if result is None:
             params = [p for p in pl_module.parameters() if p.requires_grad]
-            optimizer = self._build(params_groups=[{"params": params, "lr": DEFAULT_LR}], lora_layers=lora_layers)
+            lr = self.optimizer_overrides["lr"] or DEFAULT_LR
+            optimizer = self._build(params_groups=[{"params": params, "lr": lr}], lora_layers=lora_layers)
             rank_zero_info(f"LoRA-FA: configure_optimizers returned None; using {self._describe(optimizer)}.")
             return optimizer
         replaced: dict[int, LoraFAOptimizer] = {}
@@ -233,7 +234,18 @@ class LoraFA(pl.Callback):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lora": dict(self.lora_kwargs), "adapter_only_checkpoints": self.adapter_only_checkpoints}
+        """The settings, and the RNG states that draw dropout masks (so a resumed run continues exactly)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"lora": dict(self.lora_kwargs), "adapter_only_checkpoints": self.adapter_only_checkpoints, "rng": rng}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict.get("rng", {})
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _load_state_dict_pre_hook(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         """Before ``pl_module.load_state_dict``: check the adapter tensors of the checkpoint (names, shapes,

@@ -132,16 +132,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"No LoRA-FA adapter at {path}: expected a directory written by save_adapter().")
     saved = LoraFAConfig(**json.loads((directory / CONFIG_FILE).read_text()))
     if getattr(model, "lorafa_config", None) is None:
-        apply_lorafa(
-            model,
-            r=saved.r,
-            alpha=saved.alpha,
-            dropout=saved.dropout,
-            target_modules=saved.target_modules,
-            modules_to_save=saved.modules_to_save,
-            seed=saved.seed,
-            use_rslora=saved.use_rslora,
-        )
+        try:
+            apply_lorafa(
+                model,
+                r=saved.r,
+                alpha=saved.alpha,
+                dropout=saved.dropout,
+                target_modules=saved.target_modules,
+                modules_to_save=saved.modules_to_save,
+                seed=saved.seed,
+                use_rslora=saved.use_rslora,
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"Adapter {path} does not fit {type(model).__name__}: {error}") from error
     config = get_lorafa_config(model)
     tensors = load_file(path)
     state = model.state_dict()

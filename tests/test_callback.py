@@ -1,0 +1,189 @@
+import logging
+import types
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import VOCAB, tiny_roberta
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lorafa import LoraFA, LoraFAOptimizer, apply_lorafa, lorafa_layers
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, lazy: bool = False, optimizer: str = "adamw", lr: float = 1e-3) -> None:
+        super().__init__()
+        self.lazy, self.optimizer_kind, self.lr = lazy, optimizer, lr
+        self.model = None if lazy else tiny_roberta(dropout=0.1).train()
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        loss = self.model(input_ids=input_ids, labels=labels).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_kind == "none":
+            return None
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        if self.optimizer_kind == "adamw":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LazyClassifier(Classifier):
+    def __init__(self) -> None:
+        super().__init__(lazy=True)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_roberta(dropout=0.1).train()
+
+
+def data(n=16):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(3, VOCAB, (n, 8), generator=generator)
+    return DataLoader(TensorDataset(x, (x[:, 0] % 2)), batch_size=4)
+
+
+def trainer(tmp_path, callback, max_steps=3, **kwargs):
+    defaults = {
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return pl.Trainer(callbacks=[callback], **(defaults | kwargs))
+
+
+def lorafa(**kwargs):
+    return LoraFA(**({"r": 4, "alpha": 8, "dropout": 0.1, "modules_to_save": ["classifier"]} | kwargs))
+
+
+def test_fit_trains_only_B_and_head(tmp_path):
+    module = Classifier()
+    base_weights = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer(tmp_path, lorafa(), enable_checkpointing=False).fit(module, data())
+    layers = lorafa_layers(module.model)
+    assert len(layers) == 12
+    for name, layer in layers.items():
+        assert torch.equal(layer.base.weight, base_weights[f"{name}.weight"]), name
+        assert layer.lora_B.abs().sum() > 0
+    fresh = tiny_roberta()
+    apply_lorafa(fresh, r=4, alpha=8, modules_to_save=["classifier"])
+    for name, layer in layers.items():  # A is exactly its seeded initial value
+        assert torch.equal(layer.lora_A, lorafa_layers(fresh)[name].lora_A)
+    assert torch.equal(module.model.roberta.embeddings.word_embeddings.weight, fresh.roberta.embeddings.word_embeddings.weight)
+    assert not torch.equal(module.model.classifier.out_proj.weight, fresh.classifier.out_proj.weight)
+
+
+def test_user_optimizer_is_replaced_with_its_settings(tmp_path, caplog):
+    module = Classifier(lr=3e-3)
+    fit = trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False)
+    with caplog.at_level(logging.INFO):
+        fit.fit(module, data())
+    (optimizer,) = fit.optimizers
+    assert isinstance(optimizer, LoraFAOptimizer)
+    assert optimizer.param_groups[0]["lr"] == 3e-3 and optimizer.param_groups[0]["weight_decay"] == 0.01
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == trainable
+    assert len(optimizer.lora_layers) == 12
+    text = caplog.text
+    assert "replaced AdamW by LoraFAOptimizer over 16 trainable tensors" in text
+    b_params = sum(layer.lora_B.numel() for layer in lorafa_layers(module.model).values())
+    assert f"B = r * sum(d_out) = {b_params:,}" in text
+    assert b_params == 2 * 4 * (4 * 32 + 64 + 32)
+
+
+def test_callback_settings_override_and_scheduler_is_rebound(tmp_path):
+    module = Classifier(optimizer="scheduled")
+    fit = trainer(tmp_path, lorafa(lr=2e-2, weight_decay=0.0), max_steps=3, enable_checkpointing=False)
+    fit.fit(module, data())
+    (optimizer,) = fit.optimizers
+    scheduler = fit.lr_scheduler_configs[0].scheduler
+    assert isinstance(optimizer, LoraFAOptimizer) and scheduler.optimizer is optimizer
+    assert scheduler.base_lrs == [2e-2]
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-2 / 4)  # LambdaLR after 3 steps
+
+
+def test_optimizer_supplied_when_configure_optimizers_returns_none(tmp_path):
+    module = Classifier(optimizer="none")
+    fit = trainer(tmp_path, lorafa(lr=5e-3), max_steps=1, enable_checkpointing=False)
+    fit.fit(module, data())
+    assert isinstance(fit.optimizers[0], LoraFAOptimizer) and fit.optimizers[0].param_groups[0]["lr"] == 5e-3
+
+
+def test_optimizer_bound_before_fit_is_narrowed(tmp_path):
+    """LightningCLI binds configure_optimizers on the instance over all (pre-conversion) parameters."""
+    module = Classifier(optimizer="none")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+    module.configure_optimizers = types.MethodType(configure_optimizers, module)
+    fit = trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False)
+    fit.fit(module, data())
+    optimizer = fit.optimizers[0]
+    assert isinstance(optimizer, LoraFAOptimizer) and optimizer.param_groups[0]["lr"] == 0.5
+    assert "momentum" not in optimizer.param_groups[0]
+    assert all(p.requires_grad for p in optimizer.param_groups[0]["params"])
+
+
+def test_model_built_in_configure_model_is_converted(tmp_path):
+    module = LazyClassifier()
+    trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False).fit(module, data())
+    assert len(lorafa_layers(module.model)) == 12
+
+
+def test_checkpoint_holds_only_the_adapter_and_resume_is_exact(tmp_path):
+    torch.manual_seed(0)
+    straight = Classifier(optimizer="scheduled")
+    trainer(tmp_path / "a", lorafa(), max_steps=-1, max_epochs=2, enable_checkpointing=False).fit(straight, data())
+
+    torch.manual_seed(0)
+    first = Classifier(optimizer="scheduled")
+    fit = trainer(tmp_path / "b", lorafa(), max_steps=-1, max_epochs=1)  # one epoch of 4 batches
+    fit.fit(first, data())
+    path = fit.checkpoint_callback.best_model_path  # written by ModelCheckpoint at the epoch's end
+    checkpoint = torch.load(path, weights_only=False)
+    state = checkpoint["state_dict"]
+    assert all(k.endswith((".lora_A", ".lora_B")) or k.startswith("model.classifier.") for k in state)
+    assert len([k for k in state if k.endswith(".lora_B")]) == 12
+    assert checkpoint["optimizer_states"][0]["state"]  # AdamW moments of B and the head are kept
+
+    torch.manual_seed(1)  # another RNG state: the callback restores the one that draws dropout masks
+    resumed = Classifier(optimizer="scheduled")
+    resume = trainer(tmp_path / "b", lorafa(), max_steps=-1, max_epochs=2)
+    resume.fit(resumed, data(), ckpt_path=path)
+    assert resume.lr_scheduler_configs[0].scheduler.last_epoch == 8
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for p, q in zip(first.parameters(), resumed.parameters(), strict=True):  # it did train further
+        if p.requires_grad:
+            assert not torch.equal(p, q)
+
+
+def test_resume_with_other_rank_is_rejected(tmp_path):
+    fit = trainer(tmp_path, lorafa(), max_steps=1)
+    fit.fit(Classifier(), data())
+    fit.save_checkpoint(tmp_path / "r4.ckpt")
+    with pytest.raises(ValueError, match=r"saved with LoRA rank r=4, but the model has r=2.*LoraFA\(r=4\)"):
+        trainer(tmp_path, lorafa(r=2), max_steps=2).fit(Classifier(), data(), ckpt_path=tmp_path / "r4.ckpt")
+
+
+def test_full_checkpoints_when_asked(tmp_path):
+    fit = trainer(tmp_path, lorafa(adapter_only_checkpoints=False), max_steps=1)
+    module = Classifier()
+    fit.fit(module, data())
+    fit.save_checkpoint(tmp_path / "full.ckpt")
+    state = torch.load(tmp_path / "full.ckpt", weights_only=False)["state_dict"]
+    assert state.keys() == module.state_dict().keys()
+
+
+def test_missing_model_attr_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="has no nn.Module attribute 'backbone'"):
+        trainer(tmp_path, lorafa(model_attr="backbone"), max_steps=1).fit(Classifier(), data())

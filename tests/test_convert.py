@@ -1,0 +1,145 @@
+import pytest
+import torch
+from conftest import TwoLayerNet, randomize_lora_B, tiny_llama, tiny_roberta, tiny_t5
+from torch import nn
+
+from lightning_lorafa import LoraFALinear, apply_lorafa, count_parameters, find_target_modules, merge_lorafa
+from lightning_lorafa.convert import layer_seed, lorafa_layers
+
+
+def b_parameter_count(model, names, r):
+    modules = dict(model.named_modules())
+    return r * sum(modules[name].out_features for name in names)
+
+
+def test_roberta_query_key_value_dense_with_classifier_trained():
+    model = tiny_roberta()
+    classifier = sum(p.numel() for p in model.classifier.parameters())
+    names = apply_lorafa(model, r=4, alpha=8, target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"])
+    # per layer: query, key, value, attention.output.dense, intermediate.dense, output.dense
+    assert len(names) == 2 * 6
+    assert not any(name.startswith("classifier") for name in names)
+    trainable, total = count_parameters(model)
+    # r * sum(d_out): 4 * (4 * 32 + 64 + 32) per layer, two layers
+    assert trainable == 2 * 4 * (4 * 32 + 64 + 32) + classifier
+    assert trainable == b_parameter_count(model, names, 4) + classifier
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith("lora_B") or n.startswith("classifier.") for n in trainable_names)
+    assert model.lorafa_config.modules_to_save == ["classifier"]
+
+
+def test_t5_attention_and_ffn():
+    model = tiny_t5()
+    names = apply_lorafa(model, r=4, target_modules=["q", "k", "v", "o", "wi", "wo"])
+    # encoder: 2 x (self-attn 4 + ffn 2); decoder: 2 x (self 4 + cross 4 + ffn 2)
+    assert len(names) == 2 * 6 + 2 * 10
+    trainable, _ = count_parameters(model)
+    # q,k,v,o: d_out 32 (4 heads x 8); wi: 64; wo: 32
+    assert trainable == 4 * (2 * (4 * 32 + 64 + 32) + 2 * (8 * 32 + 64 + 32))
+
+
+def test_llama_projections():
+    model = tiny_llama()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    names = apply_lorafa(model, r=8, target_modules=targets)
+    assert len(names) == 2 * 7
+    trainable, _ = count_parameters(model)
+    # q 32, k 16, v 16 (2 kv heads x 8), o 32, gate 64, up 64, down 32
+    assert trainable == 8 * 2 * (32 + 16 + 16 + 32 + 64 + 64 + 32)
+
+
+def test_all_linear_skips_output_heads():
+    llama = tiny_llama()
+    names = apply_lorafa(llama, r=2)
+    assert "lm_head" not in names and len(names) == 14
+    roberta = tiny_roberta()
+    names = apply_lorafa(roberta, r=2)
+    assert not any(n.startswith("classifier") for n in names) and len(names) == 12
+    assert count_parameters(roberta)[0] == b_parameter_count(roberta, names, 2)
+
+
+def test_plain_module_and_regex_and_exclude():
+    model = TwoLayerNet()
+    assert apply_lorafa(model, r=2, target_modules=r"fc\d") == ["fc1", "fc2"]
+    model = TwoLayerNet()
+    assert apply_lorafa(model, r=2, exclude=["fc2"]) == ["fc1", "head"]
+    x = torch.randn(3, 12)
+    assert model(x).shape == (3, 3)
+
+
+def test_A_seeds_are_per_layer_and_reproducible():
+    a, b = tiny_llama(), tiny_llama()
+    apply_lorafa(a, r=4, seed=11)
+    apply_lorafa(b, r=4, seed=11)
+    layers_a, layers_b = lorafa_layers(a), lorafa_layers(b)
+    assert all(torch.equal(layers_a[n].lora_A, layers_b[n].lora_A) for n in layers_a)
+    q0, q1 = layers_a["model.layers.0.self_attn.q_proj"], layers_a["model.layers.1.self_attn.q_proj"]
+    assert not torch.equal(q0.lora_A, q1.lora_A)
+    assert q0.seed == layer_seed(11, "model.layers.0.self_attn.q_proj")
+
+
+def test_converted_model_starts_equal_to_base(input_ids):
+    base, model = tiny_roberta(), tiny_roberta()
+    apply_lorafa(model, r=4, dropout=0.1, modules_to_save=["classifier"])
+    torch.testing.assert_close(model(input_ids).logits, base(input_ids).logits)
+
+
+def test_merge_lorafa_returns_plain_linears_with_equal_outputs(input_ids):
+    model = tiny_roberta()
+    apply_lorafa(model, r=4)
+    randomize_lora_B(model)
+    expected = model(input_ids).logits
+    merged = merge_lorafa(model)
+    assert not lorafa_layers(merged) and not hasattr(merged, "lorafa_config")
+    assert type(merged.roberta.encoder.layer[0].attention.self.query) is nn.Linear
+    torch.testing.assert_close(merged(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def unchanged(model, before):
+    after = model.state_dict()
+    return (
+        not lorafa_layers(model)
+        and before.keys() == after.keys()
+        and all(torch.equal(before[k], after[k]) for k in before)
+        and all(p.requires_grad for p in model.parameters())
+        and not hasattr(model, "lorafa_config")
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"target_modules": ["qkv"]}, ValueError, r"matches no module.*suffixes \['dense', 'key', 'out_proj'"),
+        ({"target_modules": ["attention"]}, TypeError, r"nn.Linear layers only.*RobertaAttention"),
+        ({"r": 0}, ValueError, "r must be a positive integer"),
+        ({"r": 33}, ValueError, r"exceeds min\(in_features, out_features\)"),
+        ({"alpha": -1}, ValueError, "alpha must be > 0"),
+        ({"dropout": 1.5}, ValueError, "dropout must be in"),
+        ({"modules_to_save": ["head"]}, ValueError, r"modules_to_save entries \['head'\] match no module"),
+    ],
+)
+def test_bad_input_is_rejected_and_model_left_unchanged(kwargs, error, message):
+    model = tiny_roberta()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        apply_lorafa(model, **({"r": 4} | kwargs))
+    assert unchanged(model, before)
+
+
+def test_r_too_large_for_one_layer_names_it():
+    model = tiny_llama()  # k_proj / v_proj have d_out 16
+    with pytest.raises(ValueError, match=r"k_proj \(32 -> 16\)"):
+        apply_lorafa(model, r=20)
+
+
+def test_converting_twice_is_rejected():
+    model = tiny_roberta()
+    apply_lorafa(model, r=4)
+    with pytest.raises(ValueError, match="already has 12 LoRA-FA layers"):
+        apply_lorafa(model, r=4)
+
+
+def test_find_target_modules_does_not_change_the_model():
+    model = TwoLayerNet()
+    assert find_target_modules(model, ["fc1", "head"]) == ["fc1", "head"]
+    assert not any(isinstance(m, LoraFALinear) for m in model.modules())
