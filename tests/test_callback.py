@@ -75,7 +75,9 @@ def test_fit_trains_only_B_and_head(tmp_path):
     apply_lorafa(fresh, r=4, alpha=8, modules_to_save=["classifier"])
     for name, layer in layers.items():  # A is exactly its seeded initial value
         assert torch.equal(layer.lora_A, lorafa_layers(fresh)[name].lora_A)
-    assert torch.equal(module.model.roberta.embeddings.word_embeddings.weight, fresh.roberta.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        module.model.roberta.embeddings.word_embeddings.weight, fresh.roberta.embeddings.word_embeddings.weight
+    )
     assert not torch.equal(module.model.classifier.out_proj.weight, fresh.classifier.out_proj.weight)
 
 

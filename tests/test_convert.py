@@ -15,7 +15,9 @@ def b_parameter_count(model, names, r):
 def test_roberta_query_key_value_dense_with_classifier_trained():
     model = tiny_roberta()
     classifier = sum(p.numel() for p in model.classifier.parameters())
-    names = apply_lorafa(model, r=4, alpha=8, target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"])
+    names = apply_lorafa(
+        model, r=4, alpha=8, target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"]
+    )
     # per layer: query, key, value, attention.output.dense, intermediate.dense, output.dense
     assert len(names) == 2 * 6
     assert not any(name.startswith("classifier") for name in names)
