@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,8 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from lightning_lorafa.attention import set_attention_implementation
 from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state, get_lorafa_config
 from lightning_lorafa.convert import Targets, apply_lorafa, count_parameters, lorafa_layers
+from lightning_lorafa.dropout import replace_dropout
+from lightning_lorafa.memory import SavedActivationRecorder
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
 
 #: Learning rate used when ``configure_optimizers`` returns None and ``LoraFA(lr=...)`` is not given.
@@ -38,6 +42,12 @@ class LoraFA(pl.Callback):
         model_attr: attribute of the LightningModule holding the model to convert. Default: ``model``
             when the module has such an ``nn.Module`` attribute, else the LightningModule itself.
         adapter_only_checkpoints: save only the adapter in Lightning checkpoints (default True).
+        recompute_dropout: make the model's own dropouts (hidden and attention probabilities) keep a seed
+            instead of a mask, like the LoRA-FA layers do (``replace_dropout``; default True).
+        attn_implementation: ``"auto"`` (FlashAttention-2 where installed and supported, else SDPA, else
+            eager), an explicit ``"flash_attention_2"``/``"sdpa"``/``"eager"``, or None to leave it alone.
+        report_memory: log the saved-activation bytes of the first training step by op, and at the end of
+            training the tokens/s of the timed steps and, on CUDA, the peak allocated memory.
     """
 
     def __init__(
@@ -57,6 +67,9 @@ class LoraFA(pl.Callback):
         gradient_correction: bool = True,
         model_attr: str | None = None,
         adapter_only_checkpoints: bool = True,
+        recompute_dropout: bool = True,
+        attn_implementation: str | None = "auto",
+        report_memory: bool = False,
     ) -> None:
         self.lora_kwargs = {
             "r": r,
@@ -72,7 +85,12 @@ class LoraFA(pl.Callback):
         self.gradient_correction = gradient_correction
         self.model_attr = model_attr
         self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.recompute_dropout = recompute_dropout
+        self.attn_implementation = attn_implementation
+        self.report_memory = report_memory
         self._wrapped: set[int] = set()
+        self._recorder: SavedActivationRecorder | None = None
+        self._timing: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -122,6 +140,14 @@ class LoraFA(pl.Callback):
         names = apply_lorafa(model, **self.lora_kwargs)
         pl_module.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
         self._log_conversion(pl_module, model, names)
+        if self.attn_implementation is not None:
+            chosen = set_attention_implementation(
+                model, self.attn_implementation, pl_module.trainer.strategy.root_device
+            )
+            rank_zero_info(f"LoRA-FA: attention implementation {chosen} (asked for {self.attn_implementation!r}).")
+        if self.recompute_dropout:
+            changed = replace_dropout(model)
+            rank_zero_info(f"LoRA-FA: {len(changed)} dropouts keep a seed instead of a mask (recompute_dropout).")
         return names
 
     def _log_conversion(self, pl_module: pl.LightningModule, model: nn.Module, names: list[str]) -> None:
@@ -225,6 +251,38 @@ class LoraFA(pl.Callback):
             f"gradient_correction={optimizer.defaults['gradient_correction']})"
         )
 
+    # ----------------------------------------------------------------- memory report
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if not self.report_memory:
+            return
+        if not self._timing:
+            self._recorder = SavedActivationRecorder(pl_module).__enter__()
+            self._timing = {"steps": 0, "tokens": 0, "start": 0.0}
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+        elif self._timing["steps"] == 0:  # time from the second step on: the first one warms up
+            _synchronize()
+            self._timing["start"] = time.perf_counter()
+        if self._timing["start"]:
+            self._timing["steps"] += 1
+            self._timing["tokens"] += _count_tokens(batch)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+            rank_zero_info(f"LoRA-FA: saved for backward in the first training step:\n{self._recorder.report()}")
+            self._recorder = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.report_memory or not self._timing.get("start"):
+            return
+        _synchronize()
+        seconds = time.perf_counter() - self._timing["start"]
+        message = f"LoRA-FA: {self._timing['steps']} timed steps, {self._timing['tokens'] / seconds:,.0f} tokens/s"
+        if torch.cuda.is_available():
+            message += f", peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        rank_zero_info(message)
+
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         model, prefix = self.lorafa_model(pl_module)
@@ -283,3 +341,17 @@ def _track_step_calls(optimizer: torch.optim.Optimizer) -> None:
 
     wrapper._wrapped_by_lr_sched = True
     optimizer.step = wrapper
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _count_tokens(batch: Any) -> int:
+    """Tokens in a batch: ``input_ids`` of a mapping, or the first tensor of a sequence (its element count)."""
+    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"].numel()
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].numel()
+    return 0

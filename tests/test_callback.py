@@ -189,3 +189,25 @@ def test_full_checkpoints_when_asked(tmp_path):
 def test_missing_model_attr_is_explained(tmp_path):
     with pytest.raises(ValueError, match="has no nn.Module attribute 'backbone'"):
         trainer(tmp_path, lorafa(model_attr="backbone"), max_steps=1).fit(Classifier(), data())
+
+
+def test_dropout_attention_and_memory_report_options(tmp_path, caplog):
+    module = Classifier()
+    fit = trainer(tmp_path, lorafa(report_memory=True), max_steps=3, enable_checkpointing=False)
+    with caplog.at_level(logging.INFO):
+        fit.fit(module, data())
+    assert not any(type(m) is torch.nn.Dropout for m in module.modules())
+    assert module.model.config._attn_implementation == "sdpa_recomputed_dropout"
+    assert "attention implementation sdpa (asked for 'auto')" in caplog.text
+    assert "saved for backward in the first training step" in caplog.text
+    assert "2 timed steps" in caplog.text and "tokens/s" in caplog.text
+
+
+def test_options_off_leave_the_model_alone(tmp_path):
+    module = Classifier()
+    module.model.set_attn_implementation("eager")
+    trainer(tmp_path, lorafa(recompute_dropout=False, attn_implementation=None), enable_checkpointing=False).fit(
+        module, data()
+    )
+    assert any(type(m) is torch.nn.Dropout for m in module.modules())
+    assert module.model.config._attn_implementation == "eager"
