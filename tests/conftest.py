@@ -96,3 +96,11 @@ def roberta() -> RobertaForSequenceClassification:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny BERT/RoBERTa classifiers, T5 and LLaMA saved to disk with a tokenizer (tests/tiny_checkpoints.py)."""
+    from tiny_checkpoints import save_checkpoints
+
+    return save_checkpoints(tmp_path_factory.mktemp("checkpoints"))

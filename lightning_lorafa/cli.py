@@ -1,0 +1,39 @@
+"""The `lorafa` command: `LightningCLI` over the task modules, configured from YAML.
+
+    lorafa fit --config configs/demo.yaml
+    lorafa validate --config configs/glue/sst2_base.yaml --trainer.limit_val_batches 10
+    lorafa fit --config configs/t5/small.yaml --print_config
+
+The model (`model.class_path`, a `TaskModule`) and data (`data.class_path`, a `TaskDataModule`)
+are chosen in the config; the data module's tokenizer follows `model.init_args.model_name_or_path`.
+The `LoraFA` callback is configured under `trainer.callbacks`.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_lorafa.tasks.common import TaskDataModule, TaskModule
+
+
+class LoraFACLI(LightningCLI):
+    """`LightningCLI` with task modules and data modules chosen by class path."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
+
+
+def main(args: list[str] | None = None) -> LoraFACLI:
+    """Runs the `lorafa` command with `args` (default: `sys.argv[1:]`)."""
+    return LoraFACLI(
+        TaskModule,
+        TaskDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The `lorafa` command: every config in configs/ runs (fast_dev_run, tiny checkpoints, local data), and
+bad input stops with a clear message before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_checkpoints import write_alpaca_file, write_flan_file, write_glue_files, write_text_pairs
+
+from lightning_lorafa import LoraFA
+from lightning_lorafa.cli import main
+from lightning_lorafa.tasks import GLUE_TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory where `configs/` and `data/` are the repository's and outputs land in tmp."""
+    for name in ("configs", "data"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def overrides(config: str, checkpoints: dict[str, str], tmp: Path) -> list[str]:
+    """Arguments pointing a config at a tiny checkpoint of its architecture and at small local data."""
+    init = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]
+    model_class = yaml.safe_load((ROOT / config).read_text())["model"]["class_path"].rsplit(".", 1)[1]
+    if model_class == "SequenceClassifier":
+        arch = "bert" if "MiniLM" in init["model_name_or_path"] else "roberta"
+        args = ["--model.init_args.model_name_or_path", checkpoints[arch]]
+        if config != "configs/demo.yaml":
+            spec = GLUE_TASKS[init["task"]]
+            files = write_glue_files(
+                tmp / "glue", spec.text_columns, ("train", *spec.validation_splits), spec.num_labels == 1
+            )
+            args += ["--data.init_args.data_files", yaml.safe_dump(files, default_flow_style=True)]
+        return args
+    if model_class == "Translator":
+        stem = write_text_pairs(tmp / "wmt")
+        return [
+            "--model.init_args.model_name_or_path",
+            checkpoints["t5"],
+            "--data.init_args.data_files",
+            f"{{train: {stem}, validation: {stem}}}",
+        ]
+    args = [
+        "--model.init_args.model_name_or_path",
+        checkpoints["llama"],
+        "--data.init_args.mmlu_subjects",
+        "[abstract_algebra, anatomy]",
+        "--data.init_args.mmlu_questions_per_subject",
+        "2",
+    ]
+    if "data/" not in (ROOT / config).read_text():
+        flan = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"]["prompt_format"] == "flan"
+        train = write_flan_file(tmp / "flan") if flan else write_alpaca_file(tmp / "alpaca")
+        args += [
+            "--data.init_args.data_files",
+            f"{{train: {train}}}",
+            "--data.init_args.mmlu_dir",
+            "data/mmlu",
+        ]
+    return args
+
+
+def test_configs_cover_the_tasks() -> None:
+    glue = {f"configs/glue/{task}_{size}.yaml" for task in GLUE_TASKS for size in ("base", "large")}
+    t5 = {f"configs/t5/{size}.yaml" for size in ("small", "base", "large")}
+    llama = {"configs/llama/alpaca.yaml", "configs/llama/flanv2.yaml", "configs/llama/smollm2_alpaca.yaml"}
+    assert set(CONFIGS) == glue | t5 | llama | {"configs/demo.yaml"}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_runs_one_batch(config: str, task_checkpoints: dict[str, str], workdir: Path) -> None:
+    cli = main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.accelerator",
+            "cpu",
+            *overrides(config, task_checkpoints, workdir),
+        ]
+    )
+    assert cli.trainer.global_step == 1
+    assert cli.trainer.state.finished
+    assert [type(c) for c in cli.trainer.callbacks if isinstance(c, LoraFA)] == [LoraFA]
+    trainable = [n for n, p in cli.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_B" in n or "classifier" in n for n in trainable)
+    assert not any("lora_A" in n for n in trainable)
+    assert any(k.startswith("val/") for k in cli.trainer.callback_metrics)
+
+
+def test_print_config_shows_the_callback_and_linked_tokenizer(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/glue/rte_base.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    callback = printed["trainer"]["callbacks"][0]
+    assert callback["class_path"] == "lightning_lorafa.LoraFA"
+    assert (callback["init_args"]["r"], callback["init_args"]["alpha"]) == (8, 32)
+    assert callback["init_args"]["modules_to_save"] == ["classifier"]
+    assert printed["model"]["init_args"]["learning_rate"] == 5e-4
+    assert printed["data"]["init_args"]["batch_size"] == 64
+
+
+def run_sst2(checkpoints: dict[str, str], tmp: Path, *extra: str) -> None:
+    files = write_glue_files(tmp / "glue", ("sentence",), ("train", "validation"), False)
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/glue/sst2_base.yaml"),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.accelerator",
+            "cpu",
+            "--model.init_args.model_name_or_path",
+            checkpoints["roberta"],
+            "--data.init_args.data_files",
+            yaml.safe_dump(files, default_flow_style=True),
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (
+            ["--model.init_args.task", "sst5", "--data.init_args.task", "sst5"],
+            ValueError,
+            r"unknown GLUE task 'sst5'; choose one of \['cola', 'mnli'",
+        ),
+        (
+            ["--data.init_args.data_files", "{train: missing.tsv}"],
+            ValueError,
+            r"data_files\['train'\] = 'missing.tsv' does not exist",
+        ),
+        (
+            ["--data.init_args.label_column", "score"],
+            ValueError,
+            r"label column 'score' is not in the data \(columns: \['sentence', 'label'\]\); "
+            "set data.init_args.label_column.",
+        ),
+        (["--data.init_args.max_length", "0"], ValueError, "max_length must be a positive integer, got 0"),
+        (
+            ["--data.init_args.task", "cola"],
+            ValueError,
+            "the model is set up for GLUE task 'sst2' but the data is 'cola'",
+        ),
+    ],
+)
+def test_bad_input_stops_before_training(
+    extra: list[str], error: type, message: str, task_checkpoints: dict[str, str], workdir: Path
+) -> None:
+    with pytest.raises(error, match=message):
+        run_sst2(task_checkpoints, workdir, *extra)
+    assert not (workdir / "lightning_logs").exists() and not (workdir / "outputs").exists()
+
+
+def test_a_model_without_the_task_head_is_refused(task_checkpoints: dict[str, str], workdir: Path) -> None:
+    stem = write_text_pairs(workdir / "wmt")
+    with pytest.raises(
+        ValueError,
+        match="'bert' model, which AutoModelForSeq2SeqLM cannot load, so it does not "
+        "fit the translation task",
+    ):
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/t5/small.yaml",
+                "--trainer.fast_dev_run",
+                "true",
+                "--model.init_args.model_name_or_path",
+                task_checkpoints["bert"],
+                "--data.init_args.data_files",
+                f"{{train: {stem}}}",
+            ]
+        )
