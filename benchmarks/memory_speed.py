@@ -1,0 +1,400 @@
+"""Activation memory and speed of Full-FT, PEFT LoRA, PEFT LoRA with frozen A, and LoRA-FA (ours).
+
+Every method gets the same model (built from a config with random weights: no download), batch, sequence,
+dropout and attention implementation. Ours is ``apply_lorafa`` + ``set_attention_implementation`` +
+``replace_dropout``, as the ``LoraFA`` callback sets it up.
+
+    python benchmarks/memory_speed.py                       # CPU: saved-activation bytes and step time
+    python benchmarks/memory_speed.py --device cuda         # GPU: bf16, paper settings, peak memory, tokens/s
+
+CPU mode measures what one training forward saves for backward (``measure_saved_activations``) and the median
+time of a training step (forward, backward, optimizer step), with layers shrunk (``--cpu_layers``) and a small
+batch. CUDA mode measures ``torch.cuda.max_memory_allocated`` over training steps in bf16 at the paper's batch,
+sequence and rank (Table 5). Writes ``benchmarks/results/<machine>-<date>.md`` and a bar chart next to it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import torch
+from jsonargparse import CLI
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from lightning_lorafa import apply_lorafa, create_lorafa_optimizer
+from lightning_lorafa.attention import set_attention_implementation
+from lightning_lorafa.dropout import replace_dropout
+from lightning_lorafa.memory import measure_saved_activations, measure_step
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METHODS = ("Full-FT", "LoRA", "LoRA (A frozen)", "LoRA-FA (ours)")
+ROBERTA_TARGETS = ["query", "key", "value", "dense"]
+T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A model shape and the paper's settings for it: GPU batch/sequence/rank, and the CPU batch/sequence."""
+
+    family: str
+    width: int
+    layers: int
+    heads: int
+    ffn: int
+    batch: int
+    seq: int
+    rank: int
+    cpu_batch: int = 8
+    cpu_seq: int = 128
+    vocab: int = 0
+
+
+SPECS = {
+    "roberta-tiny": Spec("roberta", 256, 4, 4, 1024, 8, 128, 8, vocab=1000),
+    "roberta-base": Spec("roberta", 768, 12, 12, 3072, 64, 128, 8),
+    "roberta-large": Spec("roberta", 1024, 24, 16, 4096, 64, 128, 8),
+    "t5-small": Spec("t5", 512, 6, 8, 2048, 128, 128, 8, cpu_batch=4),
+    "t5-base": Spec("t5", 768, 12, 12, 3072, 64, 128, 8, cpu_batch=4),
+    "t5-large": Spec("t5", 1024, 24, 16, 4096, 32, 128, 16, cpu_batch=4),
+    "llama-7b": Spec("llama", 4096, 32, 32, 11008, 16, 1024, 64, cpu_batch=1, cpu_seq=128),
+}
+
+
+def build_model(spec: Spec, layers: int, dropout: float) -> tuple[nn.Module, list[str], list[str] | None]:
+    """A randomly initialised model: (model, LoRA target module suffixes, modules to save)."""
+    torch.manual_seed(0)
+    if spec.family == "roberta":
+        config = RobertaConfig(
+            vocab_size=spec.vocab or 50265,
+            hidden_size=spec.width,
+            num_hidden_layers=layers,
+            num_attention_heads=spec.heads,
+            intermediate_size=spec.ffn,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            max_position_embeddings=514,
+            num_labels=2,
+        )
+        return RobertaForSequenceClassification(config), ROBERTA_TARGETS, ["classifier"]
+    if spec.family == "t5":
+        config = T5Config(
+            vocab_size=32128,
+            d_model=spec.width,
+            d_kv=spec.width // spec.heads,
+            d_ff=spec.ffn,
+            num_layers=layers,
+            num_heads=spec.heads,
+            dropout_rate=dropout,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+        return T5ForConditionalGeneration(config), T5_TARGETS, None
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=spec.width,
+        intermediate_size=spec.ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=spec.heads,
+        max_position_embeddings=4096,
+        attention_dropout=dropout,
+    )
+    return LlamaForCausalLM(config), LLAMA_TARGETS, None
+
+
+def prepare(
+    method: str, model: nn.Module, targets: list[str], to_save: list[str] | None, r: int, lora_dropout: float, attn: str
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Set ``model`` up for ``method``; return it and its optimizer."""
+    model.set_attn_implementation(attn)
+    if method == "LoRA-FA (ours)":
+        apply_lorafa(model, r=r, alpha=2 * r, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
+        set_attention_implementation(model, attn)
+        replace_dropout(model)
+        return model, create_lorafa_optimizer(model, lr=1e-4)
+    if method != "Full-FT":
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets)
+        config.modules_to_save = to_save
+        model = get_peft_model(model, config)
+        if method == "LoRA (A frozen)":
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.requires_grad_(False)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def make_batch(spec: Spec, model: nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random token ids and labels for one training step."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, seq), generator=generator).to(device)
+    if spec.family == "roberta":
+        return {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=generator).to(device)}
+    if spec.family == "t5":
+        return {"input_ids": ids, "labels": torch.randint(3, vocab, (batch, seq), generator=generator).to(device)}
+    return {"input_ids": ids, "labels": ids}
+
+
+@dataclass
+class Result:
+    model: str
+    method: str
+    layers: int
+    batch: int
+    seq: int
+    rank: int
+    trainable: int
+    activation_bytes: int | None
+    seconds: float | None
+    tokens_per_second: float | None
+    peak_bytes: int | None
+    by_op: dict[str, int] | None = None
+
+
+def run_one(
+    name: str,
+    method: str,
+    device: torch.device,
+    layers: int,
+    batch: int,
+    seq: int,
+    dropout: float,
+    lora_dropout: float,
+    attn: str,
+    repeats: int,
+) -> Result:
+    """Build, set up and measure one (model, method) pair."""
+    spec = SPECS[name]
+    model, targets, to_save = build_model(spec, layers, dropout)
+    if device.type == "cuda":
+        model = model.to(device=device, dtype=torch.bfloat16)
+    model, optimizer = prepare(method, model, targets, to_save, spec.rank, lora_dropout, attn)
+    model.train()
+    inputs = make_batch(spec, model, batch, seq, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        optimizer.step()
+
+    activations = by_op = None
+    if device.type == "cpu":
+        report = measure_saved_activations(lambda: model(**inputs).loss, module=model)
+        activations, by_op = report.total_bytes, report.by_op
+    seconds = tps = peak = None
+    try:
+        if repeats > 0:
+            stats = measure_step(step, tokens=batch * seq, repeats=repeats, warmup=1)
+            seconds, tps, peak = stats.seconds, stats.tokens_per_second, stats.peak_allocated_bytes
+    except torch.OutOfMemoryError:
+        seconds = tps = peak = None
+    return Result(name, method, layers, batch, seq, spec.rank, trainable, activations, seconds, tps, peak, by_op)
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU name, or the CPU model and core count from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "OOM" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(ours: float | None, other: float | None) -> str:
+    return "-" if ours is None or not other else f"{ours / other:.2f}x"
+
+
+def tables(results: list[Result], cuda: bool) -> str:
+    """Markdown: memory per method (Table 5 layout) with ratios, step time and tokens/s, trainable parameters."""
+    models = list(dict.fromkeys(r.model for r in results))
+    get = {(r.model, r.method): r for r in results}
+    unit = "peak GB" if cuda else "saved-activation MiB"
+    value = (lambda r: r.peak_bytes and r.peak_bytes / 1e9) if cuda else (lambda r: r.activation_bytes / 2**20)
+    heads = (
+        "| model | layers | batch | seq | rank | "
+        + " | ".join(METHODS)
+        + " | ours/LoRA | ours/LoRA (A frozen) | ours/Full-FT |"
+    )
+    lines = [f"### Memory ({unit})", "", heads, "|---|---:|---:|---:|---:|" + "---:|" * (len(METHODS) + 3)]
+    for m in models:
+        rows = [get[(m, method)] for method in METHODS]
+        vals = [value(r) for r in rows]
+        first = rows[0]
+        lines.append(
+            f"| {m} | {first.layers} | {first.batch} | {first.seq} | {first.rank} | "
+            + " | ".join(_fmt(v) for v in vals)
+            + f" | {_ratio(vals[3], vals[1])} | {_ratio(vals[3], vals[2])} | {_ratio(vals[3], vals[0])} |"
+        )
+    lines += ["", "### Training step: median ms (tokens/s)", ""]
+    lines += ["| model | " + " | ".join(METHODS) + " | ours/LoRA time |", "|---|" + "---:|" * (len(METHODS) + 1)]
+    for m in models:
+        rows = [get[(m, method)] for method in METHODS]
+        cells = ["OOM" if r.seconds is None else f"{r.seconds * 1e3:.0f} ({r.tokens_per_second:,.0f})" for r in rows]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_ratio(rows[3].seconds, rows[1].seconds)} |")
+    lines += ["", "### Trainable parameters", ""]
+    lines += ["| model | " + " | ".join(METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(f"{get[(m, method)].trainable:,}" for method in METHODS) + " |")
+    return "\n".join(lines)
+
+
+def op_table(results: list[Result], model: str) -> str:
+    """Saved-activation MiB by op for each method on ``model`` (CPU mode)."""
+    rows = [r for r in results if r.model == model and r.by_op is not None]
+    ops = sorted({op for r in rows for op in r.by_op}, key=lambda op: -max(r.by_op.get(op, 0) for r in rows))
+    lines = [f"### {model}: saved-activation MiB by op", "", "| op | " + " | ".join(r.method for r in rows) + " |"]
+    lines.append("|---|" + "---:|" * len(rows))
+    lines += [f"| {op} | " + " | ".join(f"{r.by_op.get(op, 0) / 2**20:.2f}" for r in rows) + " |" for op in ops]
+    return "\n".join(lines)
+
+
+def bar_chart(results: list[Result], cuda: bool, path: Path, title: str) -> None:
+    """Grouped bars per model: memory and step time of each method relative to PEFT LoRA."""
+    models = list(dict.fromkeys(r.model for r in results))
+    get = {(r.model, r.method): r for r in results}
+    memory = (lambda r: r.peak_bytes) if cuda else (lambda r: r.activation_bytes)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, metric, label in (
+        (axes[0], memory, "peak memory" if cuda else "saved activations"),
+        (axes[1], lambda r: r.seconds, "step time"),
+    ):
+        width = 0.8 / len(METHODS)
+        for i, method in enumerate(METHODS):
+            heights = []
+            for m in models:
+                value, base = metric(get[(m, method)]), metric(get[(m, "LoRA")])
+                heights.append(value / base if value and base else 0.0)
+            xs = [j + (i - 1.5) * width for j in range(len(models))]
+            ax.bar(xs, heights, width, label=method)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(models)), models, rotation=20)
+        ax.set_ylabel(f"{label} / PEFT LoRA")
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(
+    device: str = "cpu",
+    models: list[str] | None = None,
+    cpu_layers: int = 1,
+    cuda_layers: int | None = None,
+    dropout: float = 0.1,
+    lora_dropout: float = 0.1,
+    attn: str = "sdpa",
+    repeats: int = 3,
+    output_dir: str = "benchmarks/results",
+) -> None:
+    """Run every method on every model; print and write the tables and the chart.
+
+    Args:
+        device: "cpu" (saved-activation bytes, layers shrunk) or "cuda" (bf16, paper settings, peak memory).
+        models: names from SPECS; default all (CPU) or all but roberta-tiny (CUDA).
+        cpu_layers: layers kept on CPU for every model except roberta-tiny (which keeps its 4).
+        cuda_layers: if given, layers kept on CUDA for every model (e.g. to fit LLaMA-7B); default all.
+        dropout: the model's hidden and attention-probability dropout.
+        lora_dropout: dropout on the LoRA branch (PEFT's ``lora_dropout``, ours' ``dropout``).
+        attn: attention implementation of every method ("sdpa" or "eager"); ours then switches its dropout to
+            the seed-kept kernel with ``replace_dropout``.
+        repeats: timed training steps per method (after one warm-up step); the median is reported.
+        output_dir: where the markdown and PNG results go.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU, and torch.cuda.is_available() is False here.")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {device!r}.")
+    cuda = dev.type == "cuda"
+    names = models or [n for n in SPECS if not (cuda and n == "roberta-tiny")]
+    unknown = sorted(set(names) - set(SPECS))
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; choose from {list(SPECS)}.")
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = []
+    for name in names:
+        spec = SPECS[name]
+        if cuda:
+            layers = min(cuda_layers or spec.layers, spec.layers)
+        else:
+            layers = spec.layers if name == "roberta-tiny" else min(cpu_layers, spec.layers)
+        batch, seq = (spec.batch, spec.seq) if cuda else (spec.cpu_batch, spec.cpu_seq)
+        for method in METHODS:
+            result = run_one(name, method, dev, layers, batch, seq, dropout, lora_dropout, attn, repeats)
+            print(f"{name:14s} {method:16s} {result.seconds}", flush=True)
+            results.append(result)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    machine = machine_name(dev)
+    date = datetime.date.today().isoformat()
+    mode = "CUDA, bf16 weights, paper settings" if cuda else "CPU, fp32, layers shrunk (see the layers column)"
+    header = [
+        f"## LoRA-FA memory and speed: {machine}",
+        "",
+        f"{date}; {mode}; torch {torch.__version__}; attention {attn} for every method (ours: seed-kept "
+        f"dropout kernel on CPU); model dropout {dropout}, LoRA dropout {lora_dropout}; alpha = 2r; "
+        "random weights built from configs. Memory is "
+        + (
+            "peak `torch.cuda.max_memory_allocated` over training steps."
+            if cuda
+            else "what one training forward saves for backward (weights excluded, storages counted once)."
+        )
+        + " Step = forward + backward + optimizer step; tokens/s counts batch x sequence input tokens.",
+        "",
+        tables(results, cuda),
+    ]
+    if not cuda:
+        check = [r for r in results if r.model == "roberta-tiny"]
+        if check:
+            header += ["", op_table(check, "roberta-tiny")]
+        if "roberta-tiny" in names:
+            free = run_one("roberta-tiny", "LoRA-FA (ours)", dev, 4, 8, 128, dropout, 0.0, attn, repeats=0)
+            ours = next(r for r in check if r.method == "LoRA-FA (ours)")
+            header += [
+                "",
+                f"LoRA dropout cost (roberta-tiny, ours): lora_dropout {lora_dropout}: "
+                f"{ours.activation_bytes:,} bytes; lora_dropout 0: {free.activation_bytes:,} bytes.",
+            ]
+    text = "\n".join(header) + "\n"
+    print(text)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
+    stem = out / f"{slug}-{dev.type}-{date}"
+    stem.with_suffix(".md").write_text(text)
+    bar_chart(results, cuda, stem.with_suffix(".png"), f"{machine}: {mode}")
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
