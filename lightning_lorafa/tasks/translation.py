@@ -20,6 +20,8 @@ from lightning_lorafa.tasks.common import (
     load_tokenizer,
 )
 
+TABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+
 
 def read_text_pairs(stem: str, source_lang: str, target_lang: str) -> Dataset:
     """Line-aligned plain text files `{stem}.{source_lang}` and `{stem}.{target_lang}` as two columns.
@@ -80,6 +82,13 @@ class TranslationDataModule(TaskDataModule):
         num_workers: int = 0,
     ) -> None:
         check_positive("max_target_length", max_target_length)
+        for split, stem in (data_files or {}).items():
+            if Path(stem).suffix not in TABLE_SUFFIXES:
+                for lang in (source_lang, target_lang):
+                    if not Path(f"{stem}.{lang}").is_file():
+                        raise FileNotFoundError(f"data_files['{split}']: '{stem}.{lang}' does not exist.")
+            elif not Path(stem).is_file():
+                raise FileNotFoundError(f"data_files['{split}'] = '{stem}' does not exist.")
         super().__init__(
             model_name_or_path,
             batch_size,
@@ -98,18 +107,11 @@ class TranslationDataModule(TaskDataModule):
         self.prefix = prefix
         self.max_target_length = max_target_length
         self.collate = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
-        for split, stem in (data_files or {}).items():
-            if not Path(stem).suffix:
-                for lang in (source_lang, target_lang):
-                    if not Path(f"{stem}.{lang}").is_file():
-                        raise FileNotFoundError(f"data_files['{split}']: '{stem}.{lang}' does not exist.")
-            elif not Path(stem).is_file():
-                raise FileNotFoundError(f"data_files['{split}'] = '{stem}' does not exist.")
 
     def read(self) -> DatasetDict:
         """The raw splits with one column per language."""
         files = self.data_files or {}
-        stems = {k: v for k, v in files.items() if not Path(v).suffix}
+        stems = {k: v for k, v in files.items() if Path(v).suffix not in TABLE_SUFFIXES}
         tables = {k: v for k, v in files.items() if k not in stems}
         splits = DatasetDict(
             {k: read_text_pairs(v, self.source_lang, self.target_lang) for k, v in stems.items()}
