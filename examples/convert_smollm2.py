@@ -8,11 +8,11 @@ loads in about a second with plain `AutoModelForCausalLM.from_pretrained`. Needs
     python examples/convert_smollm2.py --output DIR
 """
 
-import argparse
 import importlib.util
 from pathlib import Path
 
 import torch
+from jsonargparse import auto_cli
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,8 +27,13 @@ def gguf_directory() -> Path:
     return Path(spec.origin).parent
 
 
-def convert(output: Path) -> Path:
-    """Dequantize the GGUF checkpoint to float32 and save model and tokenizer to `output`."""
+def convert(output: Path = DEFAULT_OUTPUT) -> Path:
+    """Dequantize the GGUF checkpoint to float32 and save model and tokenizer to `output`.
+
+    Args:
+        output: folder to write the safetensors copy and the tokenizer to.
+    """
+    output = output.expanduser()
     source = gguf_directory()
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -43,12 +48,5 @@ def convert(output: Path) -> Path:
     return output
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the copy")
-    args = parser.parse_args()
-    print(f"saved {convert(args.output.expanduser())}")
-
-
 if __name__ == "__main__":
-    main()
+    print(f"saved {auto_cli(convert)}")
