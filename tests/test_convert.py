@@ -38,6 +38,10 @@ def test_t5_attention_and_ffn():
     trainable, _ = count_parameters(model)
     # q,k,v,o: d_out 32 (4 heads x 8); wi: 64; wo: 32
     assert trainable == 4 * (2 * (4 * 32 + 64 + 32) + 2 * (8 * 32 + 64 + 32))
+    ids = torch.randint(1, 90, (2, 7))
+    loss = model(input_ids=ids, labels=ids).loss  # T5's feed-forward reads wo.weight.dtype
+    loss.backward()
+    assert all(layer.lora_B.grad is not None for layer in lorafa_layers(model).values())
 
 
 def test_llama_projections():
