@@ -15,25 +15,37 @@ from lightning_lorafa.convert import (
     lorafa_layers,
     merge_lorafa,
 )
+from lightning_lorafa.distributed import (
+    AtomicCheckpointIO,
+    LoraFAModelParallelStrategy,
+    convert_before_sharding,
+    fully_shard_blocks,
+    transformer_block_classes,
+)
 from lightning_lorafa.layer import LoraFALinear
 from lightning_lorafa.optim import LoraFAOptimizer, correct_gradient, create_lorafa_optimizer
 from lightning_lorafa.peft_export import export_peft
 
 __all__ = [
+    "AtomicCheckpointIO",
     "LoraFA",
     "LoraFAConfig",
     "LoraFALinear",
+    "LoraFAModelParallelStrategy",
     "LoraFAOptimizer",
     "adapter_state_dict",
     "apply_lorafa",
+    "convert_before_sharding",
     "correct_gradient",
     "count_parameters",
     "create_lorafa_optimizer",
     "export_peft",
     "find_target_modules",
+    "fully_shard_blocks",
     "get_lorafa_config",
     "load_adapter",
     "lorafa_layers",
     "merge_lorafa",
     "save_adapter",
+    "transformer_block_classes",
 ]

@@ -15,6 +15,12 @@ from torch import nn
 from lightning_lorafa.attention import set_attention_implementation
 from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state, get_lorafa_config
 from lightning_lorafa.convert import Targets, apply_lorafa, count_parameters, lorafa_layers
+from lightning_lorafa.distributed import (
+    check_no_frozen_parameters,
+    check_not_sharded,
+    check_resume_supported,
+    prepare_for_strategy,
+)
 from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.memory import SavedActivationRecorder
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
@@ -28,7 +34,10 @@ class LoraFA(pl.Callback):
 
     On ``setup`` the callback converts the module's model (``apply_lorafa``): target ``nn.Linear``
     layers get a frozen A and a trainable B, everything else is frozen except ``modules_to_save``.
-    A module that builds its model in ``configure_model`` is converted right after that hook.
+    A module whose model has no linear layers yet at ``setup`` (it builds them in ``configure_model``)
+    is converted right after that hook; one that shards its model there (FSDP2 ``fully_shard``) calls
+    ``convert_before_sharding(self)`` first, and the callback adopts the converted model. Under FSDP1
+    (``strategy="fsdp"``) B's gradient is corrected in backward, before FSDP shards it.
     The optimizer that ``configure_optimizers`` returns is replaced by a ``LoraFAOptimizer`` over the
     trainable parameters only (same param groups, lr and weight decay unless given here; LR schedulers
     are re-bound to it); if it returns None, the callback supplies one. Checkpoints then hold only the
@@ -89,6 +98,7 @@ class LoraFA(pl.Callback):
         self.attn_implementation = attn_implementation
         self.report_memory = report_memory
         self._wrapped: set[int] = set()
+        self._hooked: set[int] = set()
         self._recorder: SavedActivationRecorder | None = None
         self._timing: dict[str, float] = {}
 
@@ -118,9 +128,16 @@ class LoraFA(pl.Callback):
             pl_module.configure_optimizers = self._wrap_configure_optimizers(pl_module)
             if is_overridden("configure_model", pl_module):
                 pl_module.configure_model = self._wrap_configure_model(pl_module)
-                return
-        if not is_overridden("configure_model", pl_module):
+        if not is_overridden("configure_model", pl_module) or self._model_is_built(pl_module):
             self.convert(pl_module)
+        check_resume_supported(trainer, self.adapter_only_checkpoints)
+
+    def _model_is_built(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the model to convert exists already (has linear layers) before ``configure_model`` runs."""
+        if self.model_attr is not None and not isinstance(getattr(pl_module, self.model_attr, None), nn.Module):
+            return False
+        model, _ = self.lorafa_model(pl_module)
+        return any(isinstance(module, nn.Linear) for module in model.modules())
 
     def _wrap_configure_model(self, pl_module: pl.LightningModule):
         original = pl_module.configure_model
@@ -133,21 +150,31 @@ class LoraFA(pl.Callback):
         return configure_model
 
     def convert(self, pl_module: pl.LightningModule) -> list[str]:
-        """Convert the module's model (once) and prepare it for adapter-only checkpoint loading."""
+        """Convert the module's model (once; a model converted already is adopted as it is) and prepare it for
+        adapter-only checkpoint loading and for the trainer's strategy.
+
+        Raises:
+            RuntimeError: the model is unconverted but already sharded (FSDP1 or FSDP2).
+        """
         model, prefix = self.lorafa_model(pl_module)
-        if getattr(model, "lorafa_config", None) is not None:
-            return get_lorafa_config(model).target_modules
-        names = apply_lorafa(model, **self.lora_kwargs)
-        pl_module.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
-        self._log_conversion(pl_module, model, names)
-        if self.attn_implementation is not None:
-            chosen = set_attention_implementation(
-                model, self.attn_implementation, pl_module.trainer.strategy.root_device
-            )
-            rank_zero_info(f"LoRA-FA: attention implementation {chosen} (asked for {self.attn_implementation!r}).")
-        if self.recompute_dropout:
-            changed = replace_dropout(model)
-            rank_zero_info(f"LoRA-FA: {len(changed)} dropouts keep a seed instead of a mask (recompute_dropout).")
+        if getattr(model, "lorafa_config", None) is None:
+            check_not_sharded(model)
+            names = apply_lorafa(model, **self.lora_kwargs)
+            self._log_conversion(pl_module, model, names)
+            if self.attn_implementation is not None:
+                chosen = set_attention_implementation(
+                    model, self.attn_implementation, pl_module.trainer.strategy.root_device
+                )
+                rank_zero_info(f"LoRA-FA: attention implementation {chosen} (asked for {self.attn_implementation!r}).")
+            if self.recompute_dropout:
+                changed = replace_dropout(model)
+                rank_zero_info(f"LoRA-FA: {len(changed)} dropouts keep a seed instead of a mask (recompute_dropout).")
+        else:
+            names = get_lorafa_config(model).target_modules
+        if id(pl_module) not in self._hooked:
+            self._hooked.add(id(pl_module))
+            pl_module.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
+        prepare_for_strategy(model, pl_module.trainer.strategy, self.gradient_correction)
         return names
 
     def _log_conversion(self, pl_module: pl.LightningModule, model: nn.Module, names: list[str]) -> None:
@@ -199,6 +226,7 @@ class LoraFA(pl.Callback):
 
         def swap(obj: Any) -> Any:
             if isinstance(obj, LoraFAOptimizer):
+                check_no_frozen_parameters(obj, pl_module)
                 return obj
             if isinstance(obj, torch.optim.Optimizer):
                 return swap_optimizer(obj)

@@ -90,12 +90,18 @@ def _first(keys: list[str], limit: int = 8) -> str:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, flush it to disk, then rename it to ``path``.
+
+    Readers see the old file or the complete new one. A process killed mid-write leaves a hidden
+    ``.<name>.*.tmp`` file behind; an exception removes it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

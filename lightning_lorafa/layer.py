@@ -6,6 +6,13 @@ Only B trains. Its gradient needs ``h = dropout(x) A^T`` (..., r), and the input
 W, A, B and the dropout mask, so backward keeps ``h`` and a dropout seed, never ``x`` (..., d_in)
 nor a mask. The frozen ``base(x)`` keeps only its weight (autograd saves ``x`` for a linear only
 when the weight needs a gradient).
+
+The base may be a quantized bitsandbytes ``Linear4bit``/``Linear8bitLt`` (both subclass ``nn.Linear``):
+B then stays in float32 and merging is refused.
+
+B's gradient correction ``g_B (A A^T)^{-1} / s^2`` is linear in ``g_B``, so it may run in backward on
+each rank's full local gradient (``correct_in_backward``) as well as in the optimizer: sums and means
+over data-parallel ranks commute with it. Sharded strategies that flatten B (FSDP1) need the former.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import torch
 from torch import nn
 
 from lightning_lorafa.dropout import draw_seed, dropout_scale
+
+#: Added to the diagonal of ``A A^T`` before inverting it.
+RIDGE = 1e-8
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -29,7 +39,7 @@ class _LoraFABranch(torch.autograd.Function):
     """``s * dropout(x) A^T B^T`` saving ``h = dropout(x) A^T`` and a seed instead of x and a mask."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int):  # noqa: D102
+    def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int, correction=None):  # noqa: D102
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
@@ -37,28 +47,31 @@ class _LoraFABranch(torch.autograd.Function):
                 xd = xd * dropout_scale(x.shape, p, seed, x.device, dtype)  # (..., d_in)
             h = xd @ lora_A.to(dtype).t()  # (..., r)
             out = (h @ lora_B.to(dtype).t()) * scaling  # (..., d_out)
-        ctx.save_for_backward(h, lora_A, lora_B)
+        ctx.save_for_backward(h, lora_A, lora_B, correction)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        h, lora_A, lora_B = ctx.saved_tensors
+        h, lora_A, lora_B, correction = ctx.saved_tensors
         dtype = h.dtype
         grad_out = grad_out.to(dtype)
         grad_x = grad_B = None
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.needs_input_grad[2]:
                 dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
-                grad_B = (dy.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scaling).to(lora_B.dtype)  # (d_out, r)
+                grad_B = (dy.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scaling)  # (d_out, r)
+                if correction is not None:
+                    grad_B = grad_B.float() @ correction  # (d_out, r) @ (r, r)
+                grad_B = grad_B.to(lora_B.dtype)
             if ctx.needs_input_grad[0]:
                 grad_x = (grad_out @ lora_B.to(dtype)) @ lora_A.to(dtype)  # (..., d_in)
                 grad_x = grad_x.mul_(ctx.scaling)
                 if ctx.p > 0.0:
                     grad_x = grad_x.mul_(dropout_scale(ctx.x_shape, ctx.p, ctx.seed, grad_x.device, dtype))
                 grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, None, grad_B, None, None, None
+        return grad_x, None, grad_B, None, None, None, None
 
 
 def init_lora_A(lora_A: torch.Tensor, seed: int) -> torch.Tensor:
@@ -87,9 +100,13 @@ class LoraFALinear(nn.Module):
 
     Attributes:
         lora_A: buffer (r, d_in), frozen.
-        lora_B: parameter (d_out, r), zero-initialised, the only trainable tensor.
+        lora_B: parameter (d_out, r), zero-initialised, the only trainable tensor; float32 when the
+            base is quantized.
         scaling: ``s``.
         merged: whether ``s * B A`` is currently folded into ``base.weight``.
+        correct_in_backward: apply the gradient correction in backward, so that ``lora_B.grad`` is
+            already corrected (set by the ``LoraFA`` callback under FSDP1; ``LoraFAOptimizer`` then
+            leaves this layer's gradient alone).
 
     Raises:
         TypeError: ``base`` is not an ``nn.Linear``.
@@ -119,12 +136,14 @@ class LoraFALinear(nn.Module):
         self.r, self.alpha, self.dropout, self.use_rslora, self.seed = r, alpha, float(dropout), use_rslora, seed
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        full_precision = weight.is_floating_point() and not is_quantized(base)
+        factory = {"device": weight.device, "dtype": weight.dtype if full_precision else torch.float32}
         self.register_buffer("lora_A", torch.empty(r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
         if self.lora_A.device.type != "meta":
             init_lora_A(self.lora_A, seed)
         self.merged = False
+        self.correct_in_backward = False
 
     @property
     def in_features(self) -> int:
@@ -134,6 +153,15 @@ class LoraFALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (d_out, d_in); models such as T5 read ``layer.weight.dtype``."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
         y = self.base(x)
@@ -141,16 +169,30 @@ class LoraFALinear(nn.Module):
             return y
         p = self.dropout if self.training else 0.0
         seed = draw_seed() if p > 0.0 else 0
-        branch = _LoraFABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p, seed)
+        correction = correction_matrix(self) if self.correct_in_backward and self.lora_B.requires_grad else None
+        branch = _LoraFABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p, seed, correction)
         return y + branch.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` (d_out, d_in), computed in float32."""
         return (self.lora_B.detach().float() @ self.lora_A.float()) * self.scaling
 
+    def _check_mergeable(self) -> None:
+        if is_quantized(self.base):
+            raise TypeError(
+                f"Cannot merge into a quantized {type(self.base).__name__} base: its weight is not a float tensor. "
+                "Save the adapter (save_adapter), load it into the base model in 16/32-bit (load_adapter), "
+                "and merge there (merge_lorafa)."
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``s * B A`` into ``base.weight`` (no-op if already merged)."""
+        """Fold ``s * B A`` into ``base.weight`` (no-op if already merged).
+
+        Raises:
+            TypeError: the base is quantized (bitsandbytes).
+        """
+        self._check_mergeable()
         if not self.merged:
             weight = self.base.weight
             weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
@@ -159,6 +201,7 @@ class LoraFALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract ``s * B A`` from ``base.weight`` again (no-op if not merged)."""
+        self._check_mergeable()
         if self.merged:
             weight = self.base.weight
             weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
@@ -166,6 +209,25 @@ class LoraFALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
+
+
+def is_quantized(linear: nn.Module) -> bool:
+    """Whether ``linear`` is a bitsandbytes quantized linear (``Linear4bit``, ``Linear8bitLt``, ...)."""
+    return type(linear).__module__.startswith("bitsandbytes.")
+
+
+def correction_matrix(layer: LoraFALinear, ridge: float = RIDGE) -> torch.Tensor:
+    """``(1 / s^2) * (A A^T + ridge I)^{-1}`` (r, r) in float32, cached on the layer while A is unchanged."""
+    lora_A = layer.lora_A
+    key = (lora_A.device, lora_A._version, lora_A.data_ptr(), ridge, layer.scaling)
+    cached = getattr(layer, "_correction_cache", None)
+    if cached is None or cached[0] != key:
+        a = lora_A.detach().float()
+        gram = a @ a.t() + ridge * torch.eye(a.shape[0], device=a.device)
+        matrix = torch.linalg.inv(gram) / layer.scaling**2
+        layer._correction_cache = (key, matrix)
+        return matrix
+    return cached[1]
 
 
 def check_lora_arguments(r: int, alpha: float, dropout: float) -> None:

@@ -24,24 +24,7 @@ import torch
 from torch import nn
 
 from lightning_lorafa.convert import lorafa_layers
-from lightning_lorafa.layer import LoraFALinear
-
-#: Added to the diagonal of ``A A^T`` before inverting it.
-RIDGE = 1e-8
-
-
-def correction_matrix(layer: LoraFALinear, ridge: float = RIDGE) -> torch.Tensor:
-    """``(1 / s^2) * (A A^T + ridge I)^{-1}`` (r, r) in float32, cached on the layer while A is unchanged."""
-    lora_A = layer.lora_A
-    key = (lora_A.device, lora_A._version, lora_A.data_ptr(), ridge, layer.scaling)
-    cached = getattr(layer, "_correction_cache", None)
-    if cached is None or cached[0] != key:
-        a = lora_A.detach().float()
-        gram = a @ a.t() + ridge * torch.eye(a.shape[0], device=a.device)
-        matrix = torch.linalg.inv(gram) / layer.scaling**2
-        layer._correction_cache = (key, matrix)
-        return matrix
-    return cached[1]
+from lightning_lorafa.layer import LoraFALinear, correction_matrix
 
 
 @torch.no_grad()
@@ -69,7 +52,8 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         gradient_correction: apply the closed-form correction (default True). Without it this is AdamW.
 
     Gradient clipping done before ``step`` (Lightning's ``gradient_clip_val``) acts on the raw
-    gradients; the correction is applied after it, inside ``step``, as in PEFT.
+    gradients; the correction is applied after it, inside ``step``, as in PEFT. Layers with
+    ``correct_in_backward`` set already carry corrected gradients and are not corrected again.
     """
 
     def __init__(
@@ -112,8 +96,9 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if group["gradient_correction"] and p in self.lora_layers:
-                    correct_gradient(self.lora_layers[p], p.grad)
+                layer = self.lora_layers.get(p)
+                if group["gradient_correction"] and layer is not None and not layer.correct_in_backward:
+                    correct_gradient(layer, p.grad)
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)

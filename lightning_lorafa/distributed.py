@@ -1,0 +1,290 @@
+"""LoRA-FA under Lightning's distributed strategies: DDP, FSDP1 (``strategy="fsdp"``) and FSDP2.
+
+Only the frozen base weights need sharding; B, its gradient and its AdamW moments are small.
+
+- DDP all-reduces the gradients of trainable tensors only (B and ``modules_to_save``).
+- FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) shards each parameter by rows: B (d_out, r) becomes
+  a row-sharded DTensor and ``LoraFAOptimizer`` corrects each rank's rows with the full r x r matrix.
+  A is a buffer, which ``fully_shard`` leaves whole on every rank.
+- FSDP1 flattens a unit's parameters into one vector and shards that, so a rank may hold a ragged piece
+  of B. The correction therefore runs in backward (``LoraFALinear.correct_in_backward``), on each rank's
+  full local gradient before FSDP reduce-scatters it; the correction is linear, so this equals correcting
+  the reduced gradient.
+
+Checkpoints hold only the adapter. ``LoraFAModelParallelStrategy`` saves and loads them under FSDP2
+(full file or sharded directory); ``AtomicCheckpointIO`` writes checkpoint files by temp-file-and-rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.strategies.model_parallel import (
+    _distributed_checkpoint_load,
+    _is_sharded_checkpoint,
+    _rekey_optimizer_state_if_needed,
+)
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from torch import nn
+
+from lightning_lorafa.checkpoint import atomic_write, check_adapter_state
+from lightning_lorafa.convert import lorafa_layers
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2/tensor-parallel (DTensor) parameters or FSDP1-wrapped modules."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    )
+
+
+def check_not_sharded(model: nn.Module) -> None:
+    """Raise ``RuntimeError`` when an unconverted ``model`` is already sharded: LoRA-FA layers must exist first."""
+    if is_sharded(model):
+        raise RuntimeError(
+            f"LoraFA: {type(model).__name__} is already sharded (DTensor parameters or FSDP-wrapped modules) but "
+            "not converted to LoRA-FA. Convert before sharding: in configure_model, call "
+            "lightning_lorafa.convert_before_sharding(self) after building the model and before fully_shard(...)."
+        )
+
+
+def _is_sharding_strategy(strategy: Strategy) -> bool:
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def prepare_for_strategy(model: nn.Module, strategy: Strategy, gradient_correction: bool = True) -> None:
+    """Set up the LoRA-FA layers of a converted ``model`` for ``strategy``.
+
+    Under FSDP1 (``FSDPStrategy``) each layer corrects B's gradient in backward (see the module docstring).
+
+    Raises:
+        ValueError: FSDP1 without ``use_orig_params=True`` (frozen and trainable tensors share flat parameters,
+            which FSDP1 supports only with the original parameters exposed).
+    """
+    if not isinstance(strategy, FSDPStrategy):
+        return
+    if not strategy.kwargs.get("use_orig_params", False):
+        raise ValueError(
+            "LoraFA under FSDPStrategy needs use_orig_params=True: LoRA-FA keeps frozen W and A next to the trainable "
+            "B in one FSDP unit. Pass FSDPStrategy(use_orig_params=True) (Lightning's default), or use "
+            "ModelParallelStrategy with fully_shard (FSDP2)."
+        )
+    for layer in lorafa_layers(model).values():
+        layer.correct_in_backward = gradient_correction
+
+
+def check_no_frozen_parameters(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule) -> None:
+    """Under FSDP1/FSDP2, raise ``ValueError`` when ``optimizer`` holds frozen parameters.
+
+    The ``LoraFA`` callback rebuilds the optimizers ``configure_optimizers`` returns over the trainable
+    parameters; a ``LoraFAOptimizer`` built by the user is kept as it is and checked here.
+    """
+    if not _is_sharding_strategy(pl_module.trainer.strategy):
+        return
+    names = {id(p): name for name, p in pl_module.named_parameters()}
+    frozen = [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"] if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"The LoraFAOptimizer from configure_optimizers holds {len(frozen)} frozen parameters "
+            f"(e.g. {', '.join(frozen[:3])}); under {type(pl_module.trainer.strategy).__name__} they are sharded "
+            "base weights the optimizer must not track. Build it with create_lorafa_optimizer(self), or return "
+            "any torch optimizer over self.parameters() and let LoraFA keep only the trainable ones."
+        )
+
+
+def check_resume_supported(trainer: pl.Trainer, adapter_only_checkpoints: bool) -> None:
+    """Raise ``ValueError`` when resuming an adapter-only checkpoint with a plain ``ModelParallelStrategy``.
+
+    Lightning's ``ModelParallelStrategy`` loads every tensor of the model, while an adapter-only checkpoint
+    holds only the adapter; ``LoraFAModelParallelStrategy`` loads it.
+    """
+    strategy = trainer.strategy
+    if (
+        adapter_only_checkpoints
+        and trainer.ckpt_path is not None
+        and isinstance(strategy, ModelParallelStrategy)
+        and not isinstance(strategy, LoraFAModelParallelStrategy)
+    ):
+        raise ValueError(
+            f"Resuming from {trainer.ckpt_path} with ModelParallelStrategy: LoraFA checkpoints hold only the adapter, "
+            "which this strategy cannot load. Use lightning_lorafa.LoraFAModelParallelStrategy(...) (same arguments), "
+            "or LoraFA(adapter_only_checkpoints=False) for full checkpoints."
+        )
+
+
+def convert_before_sharding(pl_module: pl.LightningModule) -> list[str]:
+    """Convert ``pl_module``'s model now with the settings of the trainer's ``LoraFA`` callback.
+
+    Call it in ``configure_model`` after building the model and before ``fully_shard``::
+
+        def configure_model(self):
+            self.model = build_model()
+            convert_before_sharding(self)
+            fully_shard_blocks(self.model, self.device_mesh["data_parallel"])
+
+    Returns the converted module names. Raises ``RuntimeError`` when the trainer has no ``LoraFA`` callback.
+    """
+    from lightning_lorafa.callback import LoraFA
+
+    callbacks = [c for c in pl_module.trainer.callbacks if isinstance(c, LoraFA)]
+    if not callbacks:
+        raise RuntimeError("convert_before_sharding: the trainer has no LoraFA callback; add LoraFA(...) to callbacks.")
+    return callbacks[0].convert(pl_module)
+
+
+def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The transformer block classes of a transformers model (its ``_no_split_modules`` found in it).
+
+    Use them as FSDP1's ``auto_wrap_policy`` (``FSDPStrategy(auto_wrap_policy=...)``) or FSDP2 units.
+
+    Raises:
+        ValueError: the model names no block classes, or none of them occurs in it.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} names no transformer block classes (_no_split_modules={sorted(names)}) that "
+            "occur in it; pass the block classes yourself (e.g. {LlamaDecoderLayer})."
+        )
+    return found
+
+
+def fully_shard_blocks(
+    model: nn.Module, mesh: Any = None, blocks: Iterable[type[nn.Module]] | None = None, **kwargs: Any
+) -> nn.Module:
+    """FSDP2: ``fully_shard`` each transformer block of a converted ``model``, then the model itself.
+
+    Each block is one all-gather unit; its frozen W, A buffer and trainable B stay together.
+
+    Args:
+        mesh: the data-parallel device mesh (in a LightningModule: ``self.device_mesh["data_parallel"]``).
+        blocks: block classes; default ``transformer_block_classes(model)``.
+        kwargs: passed to ``fully_shard`` (e.g. ``mp_policy``, ``reshard_after_forward``).
+
+    Raises:
+        ValueError: ``model`` has no LoRA-FA layers (convert it first: sharding comes last).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not lorafa_layers(model):
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA-FA layers: convert it (convert_before_sharding(self) or apply_lorafa) "
+            "before fully_shard_blocks."
+        )
+    classes = tuple(blocks) if blocks is not None else tuple(transformer_block_classes(model))
+    for module in model.modules():
+        if isinstance(module, classes):
+            fully_shard(module, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file beside the target, ``fsync``, then rename it into place.
+
+    A run killed while writing leaves the previous checkpoint intact and, at worst, a hidden
+    ``.<name>.*.tmp`` file that ``ckpt_path="last"`` does not pick up. Lightning's own ``TorchCheckpointIO``
+    writes to the system temp directory and moves the file, which copies it in place (not atomic) when that
+    directory is on another filesystem. Remote (``scheme://``) paths fall back to Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+class LoraFAModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2) whose checkpoints hold only the LoRA-FA adapter.
+
+    Saving gathers (``save_distributed_checkpoint=False``, the default here: the adapter is small) or writes
+    per-rank shards of only the trainable tensors and the A buffers, never the frozen base weights; the
+    ``LoraFA`` callback keeps the adapter keys. Loading fills just those tensors into the freshly built,
+    sharded model and restores the optimizer state. Full files are written by ``AtomicCheckpointIO``; a
+    sharded directory is written beside the target and swapped in by two renames.
+    """
+
+    def __init__(self, *args: Any, save_distributed_checkpoint: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.checkpoint_io = AtomicCheckpointIO()
+
+    def _adapter_keys(self) -> set[str]:
+        """State-dict keys of the trainable tensors and the A buffers of the LightningModule."""
+        assert self.model is not None
+        keys = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        return keys | {name for name, _ in self.model.named_buffers() if name.endswith(".lora_A")}
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        assert self.model is not None
+        keys = self._adapter_keys()
+        options = StateDictOptions(
+            full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True, ignore_frozen_params=True
+        )
+        return {key: value for key, value in get_model_state_dict(self.model, options=options).items() if key in keys}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+        if self.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()
+        if self.is_global_zero:
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        assert self.model is not None
+        path = Path(self.broadcast(checkpoint_path))
+        keys = self._adapter_keys()
+        own = {key: value for key, value in get_model_state_dict(self.model).items() if key in keys}
+        if _is_sharded_checkpoint(path):
+            _distributed_checkpoint_load({"state_dict": own}, path)
+            set_model_state_dict(self.model, own, options=StateDictOptions(strict=False))
+            for idx, optimizer in enumerate(self.optimizers):
+                state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
+                _distributed_checkpoint_load(state, path)
+                set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{idx}"])
+            return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        saved = {key: value for key, value in checkpoint.pop("state_dict").items()}
+        r = next((t.shape[1] for k, t in own.items() if k.endswith(".lora_B")), 0)
+        check_adapter_state(own, saved, f"The checkpoint {path}", r)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, saved, options=options)
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            state = _rekey_optimizer_state_if_needed(state, self.model)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
+        return checkpoint

@@ -1,0 +1,218 @@
+"""LoRA-FA with 2 CPU processes (gloo) under DDP and FSDP2, launched by Lightning (tests/distributed_worker.py).
+
+The ``test_two_processes_*`` tests each run the worker once (about 15 s): 2 epochs straight, and 1 epoch + checkpoint +
+1 epoch resumed. The single-process reference sees the same 8 samples per step in one batch.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TwoLayerNet, tiny_llama, tiny_roberta
+from distributed_worker import EPOCHS, Classifier, data, trained_tensors
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+from lightning_lorafa import (
+    LoraFA,
+    LoraFAOptimizer,
+    apply_lorafa,
+    create_lorafa_optimizer,
+    lorafa_layers,
+    transformer_block_classes,
+)
+from lightning_lorafa.distributed import (
+    check_no_frozen_parameters,
+    check_not_sharded,
+    check_resume_supported,
+    prepare_for_strategy,
+)
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+
+
+def run_worker(kind: str, out: Path) -> tuple[dict, dict]:
+    """Run the 2-process worker; return rank 0's and rank 1's results."""
+    done = subprocess.run([sys.executable, str(WORKER), kind, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tuple(torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """B and head after 2 epochs on one process, batch 8 (what 2 ranks with batch 4 each see per step)."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=EPOCHS,
+        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=["classifier"], attn_implementation=None)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path_factory.mktemp("reference"),
+    )
+    trainer.fit(Classifier(shard=False), data(batch_size=8))
+    assert trainer.global_step == 4
+    return trained_tensors(trainer)
+
+
+def check_two_process_run(rank0: dict, rank1: dict, reference: dict[str, torch.Tensor]) -> None:
+    assert rank0["world_size"] == 2 and rank0["global_step"] == 4
+    assert len([k for k in reference if k.endswith("lora_B")]) == 12
+    for key, expected in reference.items():
+        assert torch.equal(rank0["straight"][key], rank1["straight"][key]), key  # same B on both ranks
+        torch.testing.assert_close(rank0["straight"][key], expected, rtol=1e-4, atol=1e-6, msg=key)
+        assert torch.equal(rank0["resumed"][key], rank0["straight"][key]), key  # resume is exact
+        assert not torch.equal(rank0["half"][key], rank0["straight"][key]), key  # the resumed epoch trained
+
+
+def test_two_processes_ddp_train_like_one_and_resume_exactly(tmp_path, single_process_reference):
+    rank0, rank1 = run_worker("ddp", tmp_path)
+    check_two_process_run(rank0, rank1, single_process_reference)
+    assert rank0["types"] == ("Parameter", (32, 4), "Tensor", (4, 32))
+    checkpoint = torch.load(tmp_path / "first" / "half.ckpt", weights_only=False)
+    state = checkpoint["state_dict"]
+    assert len([k for k in state if k.endswith(".lora_B")]) == 12
+    assert all(k.endswith((".lora_A", ".lora_B")) or k.startswith("model.classifier.") for k in state)
+
+
+def test_two_processes_fsdp2_row_sharded_B_trains_like_one_and_resumes_from_a_file(tmp_path, single_process_reference):
+    rank0, rank1 = run_worker("fsdp2", tmp_path)
+    check_two_process_run(rank0, rank1, single_process_reference)
+    # B (32, 4) is a DTensor holding 16 rows per rank; A stays a whole, unsharded buffer
+    assert rank0["types"] == ("DTensor", (16, 4), "Tensor", (4, 32))
+    checkpoint = torch.load(tmp_path / "first" / "half.ckpt", weights_only=False)
+    state = checkpoint["state_dict"]
+    assert len([k for k in state if k.endswith(".lora_B")]) == 12 and len(state) == 28
+    assert all(k.endswith((".lora_A", ".lora_B")) or k.startswith("model.classifier.") for k in state)
+    assert state["model.roberta.encoder.layer.0.attention.self.query.lora_B"].shape == (32, 4)
+    assert len(checkpoint["optimizer_states"][0]["state"]) == 16
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["half.ckpt"]
+
+
+def test_two_processes_fsdp2_sharded_checkpoint_directory_resumes_exactly(tmp_path, single_process_reference):
+    rank0, rank1 = run_worker("fsdp2-sharded", tmp_path)
+    check_two_process_run(rank0, rank1, single_process_reference)
+    directory = tmp_path / "first" / "half.ckpt"
+    assert directory.is_dir() and (directory / "meta.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["half.ckpt"]  # no temp or old copy left
+
+
+def test_in_backward_correction_equals_the_optimizer_correction():
+    """Under FSDP1 the correction runs in backward; the update must be the same as correcting in step."""
+    models = []
+    for in_backward in (False, True):
+        model = TwoLayerNet()
+        apply_lorafa(model, r=3, alpha=6, modules_to_save=["head"])
+        for layer in lorafa_layers(model).values():
+            layer.correct_in_backward = in_backward
+            with torch.no_grad():
+                layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+        optimizer = create_lorafa_optimizer(model, lr=1e-2)
+        x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
+        model(x).square().sum().backward()
+        grads = {name: layer.lora_B.grad.clone() for name, layer in lorafa_layers(model).items()}
+        optimizer.step()
+        models.append((model, grads))
+    (plain, raw), (early, corrected) = models
+    for name in raw:
+        assert not torch.allclose(raw[name], corrected[name], rtol=1e-2)
+        torch.testing.assert_close(plain.get_submodule(name).lora_B, early.get_submodule(name).lora_B)
+
+
+def test_fsdp1_strategy_corrects_in_backward_and_needs_original_params():
+    model = TwoLayerNet()
+    apply_lorafa(model, r=2, target_modules=["fc1", "fc2"])
+    prepare_for_strategy(model, FSDPStrategy(use_orig_params=True))
+    assert all(layer.correct_in_backward for layer in lorafa_layers(model).values())
+    with pytest.raises(ValueError, match=r"needs use_orig_params=True.*ModelParallelStrategy with fully_shard"):
+        prepare_for_strategy(model, FSDPStrategy(use_orig_params=False))
+
+
+def test_sharded_unconverted_model_is_rejected():
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.device_mesh import DeviceMesh
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
+    try:
+        model = TwoLayerNet()
+        mesh = DeviceMesh("cpu", [0])
+        model.fc1.weight = torch.nn.Parameter(DTensor.from_local(model.fc1.weight.detach(), mesh, [Replicate()]))
+        with pytest.raises(RuntimeError, match=r"already sharded .*convert_before_sharding\(self\)"):
+            check_not_sharded(model)
+        check_not_sharded(TwoLayerNet())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def attached(strategy) -> pl.LightningModule:
+    """A converted module attached to a CPU trainer using ``strategy`` (not launched)."""
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
+    module = Classifier(shard=False)
+    apply_lorafa(module.model, r=2, alpha=4)
+    module.trainer = trainer
+    return module
+
+
+def test_user_lorafa_optimizer_over_frozen_parameters_is_rejected_when_sharded():
+    module = attached(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    everything = LoraFAOptimizer(module.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"holds 41 frozen parameters .*create_lorafa_optimizer\(self\)"):
+        check_no_frozen_parameters(everything, module)
+    check_no_frozen_parameters(create_lorafa_optimizer(module.model), module)
+    check_no_frozen_parameters(everything, attached("auto"))  # harmless without sharding
+
+
+def test_resuming_adapter_only_checkpoint_with_plain_model_parallel_strategy_is_explained():
+    module = attached(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    module.trainer.ckpt_path = "some.ckpt"
+    with pytest.raises(ValueError, match=r"Use lightning_lorafa.LoraFAModelParallelStrategy"):
+        check_resume_supported(module.trainer, adapter_only_checkpoints=True)
+    check_resume_supported(module.trainer, adapter_only_checkpoints=False)
+
+
+def test_transformer_block_classes():
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
+
+    assert transformer_block_classes(tiny_llama()) == {LlamaDecoderLayer}
+    assert RobertaLayer in transformer_block_classes(tiny_roberta())
+    with pytest.raises(ValueError, match="names no transformer block classes"):
+        transformer_block_classes(TwoLayerNet())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 (strategy='fsdp') needs CUDA")
+def test_fsdp1_on_one_gpu_trains_like_no_sharding(tmp_path):
+    def fit(strategy):
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(
+            accelerator="cuda",
+            devices=1,
+            strategy=strategy,
+            max_epochs=1,
+            callbacks=[LoraFA(r=4, alpha=8, modules_to_save=["classifier"], attn_implementation=None)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(Classifier(shard=False), data(batch_size=8))
+        return trainer
+
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
+
+    sharded = fit(FSDPStrategy(auto_wrap_policy={RobertaLayer}, use_orig_params=True))
+    layers = lorafa_layers(sharded.lightning_module.model)
+    assert all(layer.correct_in_backward for layer in layers.values())
+    sharded.save_checkpoint(tmp_path / "fsdp1.ckpt")
+    reference = trained_tensors(fit("auto"))
+    state = torch.load(tmp_path / "fsdp1.ckpt", weights_only=False)["state_dict"]
+    for key, expected in reference.items():
+        torch.testing.assert_close(state[key].cpu(), expected, rtol=1e-4, atol=1e-6, msg=key)
