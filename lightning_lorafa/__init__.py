@@ -25,6 +25,7 @@ from lightning_lorafa.distributed import (
 from lightning_lorafa.layer import LoraFALinear
 from lightning_lorafa.optim import LoraFAOptimizer, correct_gradient, create_lorafa_optimizer
 from lightning_lorafa.peft_export import export_peft
+from lightning_lorafa.quantization import load_quantized_model, quantization_config
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -44,8 +45,10 @@ __all__ = [
     "fully_shard_blocks",
     "get_lorafa_config",
     "load_adapter",
+    "load_quantized_model",
     "lorafa_layers",
     "merge_lorafa",
+    "quantization_config",
     "save_adapter",
     "transformer_block_classes",
 ]
