@@ -45,11 +45,10 @@ from lightning_lorafa.memory import measure_saved_activations, measure_step
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = ("Full-FT", "LoRA", "LoRA (A frozen)", "LoRA-FA (ours)")
+METHODS = ("Full-FT", "LoRA", "LoRA (A frozen)", "LoRA-FA (ours)", "ours, masks kept")
+OURS = METHODS.index("LoRA-FA (ours)")
 ROBERTA_TARGETS = ["query", "key", "value", "dense"]
-# T5's feed-forward reads `wo.weight` directly, which LoraFALinear does not expose yet: `wo` stays unadapted
-# for every method, so the comparison stays like for like.
-T5_TARGETS = ["q", "k", "v", "o", "wi"]
+T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -127,10 +126,11 @@ def prepare(
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Set ``model`` up for ``method``; return it and its optimizer."""
     model.set_attn_implementation(attn)
-    if method == "LoRA-FA (ours)":
+    if method in ("LoRA-FA (ours)", "ours, masks kept"):
         apply_lorafa(model, r=r, alpha=2 * r, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
         set_attention_implementation(model, attn)
-        replace_dropout(model)
+        if method == "LoRA-FA (ours)":  # "masks kept" = LoraFA(recompute_dropout=False): the model's own
+            replace_dropout(model)  # dropouts keep their masks; the LoRA-FA layers still keep a seed
         return model, create_lorafa_optimizer(model, lr=1e-4)
     if method != "Full-FT":
         config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets)
@@ -251,14 +251,14 @@ def tables(results: list[Result], cuda: bool) -> str:
         lines.append(
             f"| {m} | {first.layers} | {first.batch} | {first.seq} | {first.rank} | "
             + " | ".join(_fmt(v) for v in vals)
-            + f" | {_ratio(vals[3], vals[1])} | {_ratio(vals[3], vals[2])} | {_ratio(vals[3], vals[0])} |"
+            + f" | {_ratio(vals[OURS], vals[1])} | {_ratio(vals[OURS], vals[2])} | {_ratio(vals[OURS], vals[0])} |"
         )
     lines += ["", "### Training step: median ms (tokens/s)", ""]
     lines += ["| model | " + " | ".join(METHODS) + " | ours/LoRA time |", "|---|" + "---:|" * (len(METHODS) + 1)]
     for m in models:
         rows = [get[(m, method)] for method in METHODS]
         cells = ["OOM" if r.seconds is None else f"{r.seconds * 1e3:.0f} ({r.tokens_per_second:,.0f})" for r in rows]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_ratio(rows[3].seconds, rows[1].seconds)} |")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_ratio(rows[OURS].seconds, rows[1].seconds)} |")
     lines += ["", "### Trainable parameters", ""]
     lines += ["| model | " + " | ".join(METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
     for m in models:
@@ -292,7 +292,7 @@ def bar_chart(results: list[Result], cuda: bool, path: Path, title: str) -> None
             for m in models:
                 value, base = metric(get[(m, method)]), metric(get[(m, "LoRA")])
                 heights.append(value / base if value and base else 0.0)
-            xs = [j + (i - 1.5) * width for j in range(len(models))]
+            xs = [j + (i - (len(METHODS) - 1) / 2) * width for j in range(len(models))]
             ax.bar(xs, heights, width, label=method)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(models)), models, rotation=20)

@@ -99,7 +99,8 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         probs = _probabilities(query, key, bias, mask, ctx.scaling)
         keep = dropout_scale(probs.shape, ctx.p, ctx.seed, probs.device, probs.dtype)
         grad_value = torch.matmul((probs * keep).transpose(-2, -1), grad_out)
-        grad_probs = torch.matmul(grad_out, value.transpose(-2, -1)).mul_(keep)
+        # Under autocast the matmul gives the autocast dtype while probs may be float32 (a float32 bias).
+        grad_probs = torch.matmul(grad_out, value.transpose(-2, -1)).to(probs.dtype).mul_(keep)
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
         grad_scores = grad_scores * ctx.scaling

@@ -204,3 +204,32 @@ def test_no_saved_tensor_is_a_dropout_mask_after_replace_dropout():
     kept_by = {"_RecomputedDropoutAttention", "layer_norm", "linear", "gelu", "embedding", "tanh", "cross_entropy"}
     assert {t.op for t in after.tensors} <= kept_by
     assert after.total_bytes < before.total_bytes
+
+
+def test_t5_trains_under_bf16_autocast_with_recomputed_attention_dropout():
+    """T5 adds a float32 position bias to bf16 scores: backward must cope with the mixed dtypes."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lightning_lorafa import apply_lorafa
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=96,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.1,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    model = T5ForConditionalGeneration(config).train()
+    apply_lorafa(model, r=4, target_modules=["q", "k", "v", "o", "wi", "wo"], dropout=0.1)
+    replace_dropout(model)
+    ids = torch.randint(1, 90, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_B")]
+    assert len(grads) == 32 and all(g is not None and torch.isfinite(g).all() for g in grads)
