@@ -105,7 +105,8 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
         grad_scores = grad_scores * ctx.scaling
         grad_query = torch.matmul(grad_scores, key)
-        grad_key = torch.matmul(grad_scores.transpose(-2, -1), query)
+        # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
+        grad_key = torch.matmul(query.transpose(-2, -1), grad_scores).transpose(-2, -1)
         return grad_query, grad_key, grad_value, grad_bias, None, None, None, None
 
 
