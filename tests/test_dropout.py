@@ -17,6 +17,7 @@ from lightning_lorafa.dropout import (
     _RecomputedDropoutAttention,
     draw_seed,
     dropout_scale,
+    effective_p,
     replace_dropout,
 )
 from lightning_lorafa.memory import measure_saved_activations
@@ -70,6 +71,23 @@ def test_recomputed_dropout_equals_stored_mask_reference(device):
     dropped = (outputs[0] == 0).float().mean().item()
     assert 0.2 < dropped < 0.4
     assert torch.equal(grads[0] == 0, outputs[0] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_scale_is_a_seeded_unbiased_dropout_mask(device, p):
+    shape = torch.Size([2, 500, 1001])  # odd element count: the last 64-bit draw is used in part
+    scale = dropout_scale(shape, p, 17, torch.device(device), torch.float32)
+    assert scale.shape == shape and scale.device.type == device
+    assert abs(effective_p(p) - p) <= 2**-17
+    assert scale.unique().tolist() == [0.0, pytest.approx(1 / (1 - effective_p(p)))]
+    dropped = (scale == 0).double().mean().item()
+    assert abs(dropped - p) < 0.003  # ~1e6 draws: the standard error is below 5e-4
+    assert abs(scale.double().mean().item() - 1.0) < 0.01
+    assert torch.equal(scale, dropout_scale(shape, p, 17, torch.device(device), torch.float32))
+    assert not torch.equal(scale, dropout_scale(shape, p, 18, torch.device(device), torch.float32))
+    half = dropout_scale(shape, p, 17, torch.device(device), torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half == 0, scale == 0)
 
 
 def test_recomputed_dropout_saves_nothing_where_nn_dropout_saves_its_mask():
