@@ -3,18 +3,26 @@ bad input stops with a clear message before training."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import Strategy
 from tiny_checkpoints import write_alpaca_file, write_flan_file, write_glue_files, write_text_pairs
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from lightning_lorafa import LoraFA
+from lightning_lorafa import AtomicCheckpointIO, LoraFA
 from lightning_lorafa.cli import main
 from lightning_lorafa.tasks import GLUE_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "distributed")
+OVERLAYS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "distributed").glob("*.yaml"))
 
 
 @pytest.fixture
@@ -170,8 +178,7 @@ def test_a_model_without_the_task_head_is_refused(task_checkpoints: dict[str, st
     stem = write_text_pairs(workdir / "wmt")
     with pytest.raises(
         ValueError,
-        match="'bert' model, which AutoModelForSeq2SeqLM cannot load, so it does not "
-        "fit the translation task",
+        match="'bert' model, which AutoModelForSeq2SeqLM cannot load, so it does not fit the translation task",
     ):
         main(
             [
@@ -186,3 +193,61 @@ def test_a_model_without_the_task_head_is_refused(task_checkpoints: dict[str, st
                 f"{{train: {stem}}}",
             ]
         )
+
+
+def test_distributed_overlays_print_with_a_task_config_and_build_their_strategy(capsys: pytest.CaptureFixture) -> None:
+    assert OVERLAYS == ["configs/distributed/ddp.yaml", "configs/distributed/fsdp_llama.yaml"]
+    for overlay in OVERLAYS:
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                [
+                    "fit",
+                    "--config",
+                    str(ROOT / "configs/llama/alpaca.yaml"),
+                    "--config",
+                    str(ROOT / overlay),
+                    "--print_config",
+                ]
+            )  # noqa: E501
+        assert exit_info.value.code == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["trainer"]["devices"] == 8 and printed["model"]["init_args"]["learning_rate"] == 2e-4
+        parser = ArgumentParser()
+        parser.add_argument("--strategy", type=str | Strategy)
+        parser.add_argument("--plugins", type=list[AtomicCheckpointIO])
+        section = {key: printed["trainer"][key] for key in ("strategy", "plugins")}
+        built = parser.instantiate(parser.parse_object(section))
+        assert [type(plugin) for plugin in built.plugins] == [AtomicCheckpointIO]
+        if overlay.endswith("ddp.yaml"):
+            assert built.strategy == "ddp"
+            assert printed["trainer"]["accumulate_grad_batches"] == 8  # the task config's, kept
+        else:
+            policy = built.strategy.kwargs["auto_wrap_policy"]
+            assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {LlamaDecoderLayer}
+            assert built.strategy.kwargs["use_orig_params"] is True
+            assert printed["trainer"]["accumulate_grad_batches"] == 1  # 8 GPUs x 4 = the paper's batch of 32
+
+
+def test_ddp_overlay_trains_two_cpu_processes_from_the_command_line(
+    task_checkpoints: dict[str, str], workdir: Path
+) -> None:
+    """`lorafa fit --config TASK --config configs/distributed/ddp.yaml` with 2 CPU processes (gloo)."""
+    files = write_glue_files(workdir / "glue", ("sentence",), ("train", "validation"), False)
+    command = [
+        sys.executable, "-m", "lightning_lorafa.cli", "fit",
+        "--config", "configs/glue/sst2_base.yaml", "--config", "configs/distributed/ddp.yaml",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", "outputs",
+        "--model.init_args.model_name_or_path", task_checkpoints["roberta"],
+        "--data.init_args.data_files", yaml.safe_dump(files, default_flow_style=True),
+        "--data.init_args.batch_size", "4",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
+    (checkpoint,) = (workdir / "outputs").rglob("*.ckpt")
+    state = torch.load(checkpoint, weights_only=False)
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in done.stdout + done.stderr
+    assert state["global_step"] >= 1  # ModelCheckpoint keeps the best validation step
+    assert state["state_dict"] and all("lora_" in k or "classifier" in k for k in state["state_dict"])
