@@ -24,7 +24,7 @@ from lightning_lorafa import LoraFA, export_peft
 class Classifier(pl.LightningModule):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode, which Lightning keeps (no dropout)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.model(**batch).loss

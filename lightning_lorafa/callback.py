@@ -272,7 +272,7 @@ class LoraFA(pl.Callback):
     @staticmethod
     def _describe(optimizer: LoraFAOptimizer) -> str:
         tensors = sum(len(g["params"]) for g in optimizer.param_groups)
-        lrs = sorted({g["lr"] for g in optimizer.param_groups})
+        lrs = sorted({g.get("initial_lr", g["lr"]) for g in optimizer.param_groups})  # before any warm-up
         wds = sorted({g["weight_decay"] for g in optimizer.param_groups})
         return (
             f"LoraFAOptimizer over {tensors} trainable tensors (lr={lrs}, weight_decay={wds}, "
