@@ -35,5 +35,10 @@ def main(args: list[str] | None = None) -> LoraFACLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The `lorafa` console script: like `main`, but returns nothing, so the process exits with status 0."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

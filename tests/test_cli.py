@@ -231,10 +231,11 @@ def test_distributed_overlays_print_with_a_task_config_and_build_their_strategy(
 def test_ddp_overlay_trains_two_cpu_processes_from_the_command_line(
     task_checkpoints: dict[str, str], workdir: Path
 ) -> None:
-    """`lorafa fit --config TASK --config configs/distributed/ddp.yaml` with 2 CPU processes (gloo)."""
+    """The `lorafa` console script, `fit --config TASK --config configs/distributed/ddp.yaml`, with 2 CPU processes
+    (gloo): it trains and exits with status 0."""
     files = write_glue_files(workdir / "glue", ("sentence",), ("train", "validation"), False)
     command = [
-        sys.executable, "-m", "lightning_lorafa.cli", "fit",
+        str(Path(sys.executable).parent / "lorafa"), "fit",
         "--config", "configs/glue/sst2_base.yaml", "--config", "configs/distributed/ddp.yaml",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
