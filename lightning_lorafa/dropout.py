@@ -27,9 +27,14 @@ def draw_seed() -> int:
 _LEVELS = 2**16
 
 
+def _dropped_levels(p: float) -> int:
+    """How many of the 2**16 values of a 16-bit draw drop an entry: ``p * 2**16`` rounded, at most 2**16 - 1."""
+    return min(round(p * _LEVELS), _LEVELS - 1)
+
+
 def effective_p(p: float) -> float:
     """The drop probability ``dropout_scale`` realises for ``p``: ``p`` rounded to a multiple of 1 / 2**16."""
-    return min(round(p * _LEVELS), _LEVELS - 1) / _LEVELS
+    return _dropped_levels(p) / _LEVELS
 
 
 def dropout_scale(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -42,12 +47,12 @@ def dropout_scale(shape: torch.Size, p: float, seed: int, device: torch.device, 
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    numel = shape.numel() if isinstance(shape, torch.Size) else torch.Size(shape).numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), generator=generator, device=device)
-    bits = words.view(torch.int16)[:numel].view(shape)  # uniform over [-2**15, 2**15)
-    p_eff = effective_p(p)
-    keep = bits >= round(p_eff * _LEVELS) - _LEVELS // 2
-    return keep.to(dtype).mul_(1.0 / (1.0 - p_eff))
+    shape = torch.Size(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((shape.numel() + 3) // 4,), generator=generator, device=device)
+    bits = words.view(torch.int16)[: shape.numel()].view(shape)  # uniform over [-2**15, 2**15)
+    dropped = _dropped_levels(p)
+    keep = bits >= dropped - _LEVELS // 2
+    return keep.to(dtype).mul_(1.0 / (1.0 - dropped / _LEVELS))
 
 
 class _RecomputedDropout(torch.autograd.Function):
