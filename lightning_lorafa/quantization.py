@@ -1,12 +1,20 @@
 """Quantized frozen base weights (QLoRA style) under LoRA-FA: 4-bit NF4 with double quantization, or 8-bit.
 
-The base model is loaded quantized by transformers + bitsandbytes (CUDA only); ``apply_lorafa`` then wraps
-its ``Linear4bit``/``Linear8bitLt`` layers like any ``nn.Linear``. A and B stay in float32; the branch
-computes in the activations' dtype. bitsandbytes is imported only here, when quantization is asked for.
+The base model is loaded quantized by transformers + bitsandbytes, on the current CUDA GPU or, where the
+installed bitsandbytes has a CPU backend (0.50 has one), on CPU; ``apply_lorafa`` then wraps its
+``Linear4bit``/``Linear8bitLt`` layers like any ``nn.Linear``. A and B stay in float32; the branch computes in
+the activations' dtype. bitsandbytes is imported only here, when quantization is asked for.
+
+``keep_no_quantized_inputs`` (applied by ``load_quantized_model``) makes the frozen quantized matmuls keep
+no input for backward: bitsandbytes' int8 matmul keeps its input ``x`` (batch x seq x d_in) as a context
+attribute whenever ``x`` needs a gradient, which would undo LoRA-FA's saving; and on CPUs with AVX512-BF16 a
+no-grad forward of ``Linear4bit`` (validation) repacks its weight into an inference layout whose matmul has
+no backward, so later training would silently drop the input gradient.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -17,20 +25,47 @@ from torch import nn
 QUANTIZATION_KINDS = ("nf4", "int8")
 
 
-def require_bitsandbytes(kind: str) -> None:
-    """Raise ``RuntimeError`` naming everything missing for bitsandbytes quantization: the package, CUDA."""
-    problems = []
+def bitsandbytes_runs_on_cpu() -> bool:
+    """Whether the installed bitsandbytes has a CPU backend (it lists ``"cpu"`` in ``supported_torch_devices``)."""
     try:
-        importlib.import_module("bitsandbytes")
+        bnb = importlib.import_module("bitsandbytes")
     except ImportError:
+        return False
+    return "cpu" in getattr(bnb, "supported_torch_devices", ())
+
+
+def quantization_device(kind: str) -> torch.device:
+    """The device bitsandbytes runs ``kind`` on: the current CUDA GPU, else the CPU where bitsandbytes supports it.
+
+    Raises:
+        RuntimeError: naming everything missing: the package, or both CUDA and bitsandbytes' CPU backend.
+    """
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except ImportError:
+        bnb = None
+    if bnb is not None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if bnb is not None and bitsandbytes_runs_on_cpu():
+        return torch.device("cpu")
+    problems = []
+    if bnb is None:
         problems.append("the bitsandbytes package is not installed (pip install 'lightning-lorafa[quant]')")
     if not torch.cuda.is_available():
-        problems.append("no CUDA GPU is available (torch.cuda.is_available() is False)")
-    if problems:
-        raise RuntimeError(
-            f"quantization={kind!r} runs the frozen base on bitsandbytes' CUDA kernels, but {'; and '.join(problems)}. "
-            "Train with quantization=None here, or on a CUDA machine with bitsandbytes installed."
-        )
+        problem = "no CUDA GPU is available (torch.cuda.is_available() is False)"
+        if bnb is not None:
+            problem += f" and bitsandbytes {getattr(bnb, '__version__', '?')} has no CPU backend"
+        problems.append(problem)
+    raise RuntimeError(
+        f"quantization={kind!r} runs the frozen base on bitsandbytes' kernels, but {'; and '.join(problems)}. "
+        "Train with quantization=None here, on a CUDA machine, or install a bitsandbytes with a CPU backend "
+        "(pip install 'bitsandbytes>=0.50')."
+    )
+
+
+def require_bitsandbytes(kind: str) -> None:
+    """Raise ``RuntimeError`` when bitsandbytes cannot run ``kind`` here (see ``quantization_device``)."""
+    quantization_device(kind)
 
 
 def quantization_config(kind: str | None, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
@@ -41,7 +76,7 @@ def quantization_config(kind: str | None, compute_dtype: torch.dtype = torch.bfl
 
     Raises:
         ValueError: unknown ``kind``.
-        RuntimeError: bitsandbytes or CUDA is missing (the message says which).
+        RuntimeError: bitsandbytes is missing, or it runs neither on CUDA here nor on CPU (the message says which).
     """
     if kind is None:
         return None
@@ -67,10 +102,12 @@ def load_quantized_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load a transformers model with its weights quantized (``quantization_config``) on the current GPU.
+    """Load a transformers model with its weights quantized (``quantization_config``) on the current GPU, or on
+    CPU where bitsandbytes supports it, and make its quantized linears keep no input (``keep_no_quantized_inputs``).
 
-    ``auto_class`` defaults to ``AutoModelForCausalLM``; ``kwargs`` go to ``from_pretrained``. Convert the
-    result with ``apply_lorafa`` (or ``LoraFA``): the quantized linears become frozen LoRA-FA bases.
+    ``auto_class`` defaults to ``AutoModelForCausalLM``; ``kwargs`` go to ``from_pretrained`` (a ``device_map``
+    given there wins). Convert the result with ``apply_lorafa`` (or ``LoraFA``): the quantized linears become
+    frozen LoRA-FA bases.
 
     Raises:
         ValueError, RuntimeError: as ``quantization_config``.
@@ -81,5 +118,62 @@ def load_quantized_model(
 
         auto_class = AutoModelForCausalLM
     if config is not None:
-        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
-    return auto_class.from_pretrained(name_or_path, quantization_config=config, dtype=compute_dtype, **kwargs)
+        device = quantization_device(quantization)
+        kwargs.setdefault("device_map", {"": device.index if device.type == "cuda" else "cpu"})
+    model = auto_class.from_pretrained(name_or_path, quantization_config=config, dtype=compute_dtype, **kwargs)
+    keep_no_quantized_inputs(model)
+    return model
+
+
+class _FrozenInt8Linear(torch.autograd.Function):
+    """A frozen ``Linear8bitLt``: bitsandbytes' forward; backward ``dx = dy @ (CB * SCB / 127)`` keeping no input.
+
+    bitsandbytes' own backward computes ``dx`` the same way, but its forward keeps ``x`` for a weight gradient
+    that a frozen int8 weight never needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, module, module_forward):  # noqa: D102
+        ctx.module, ctx.x_shape, ctx.x_dtype = module, x.shape, x.dtype
+        return module_forward(x)  # autograd is off here: bitsandbytes records nothing
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        state = ctx.module.state
+        if state.CB is None:
+            raise RuntimeError("Linear8bitLt lost its int8 weight (state.CB) before backward.")
+        weight = state.CB.to(ctx.x_dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))  # (d_out, d_in)
+        grad_x = torch.matmul(grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.x_dtype), weight)
+        return grad_x.view(ctx.x_shape), None, None
+
+
+def _int8_forward_keeping_no_input(module: nn.Module, module_forward: Any, x: torch.Tensor) -> torch.Tensor:
+    if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
+        return module_forward(x)  # a trainable int8 layer needs bitsandbytes' own backward
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return module_forward(x)
+    return _FrozenInt8Linear.apply(x, module, module_forward)
+
+
+def keep_no_quantized_inputs(model: nn.Module) -> int:
+    """Make the frozen bitsandbytes linears of ``model`` keep no input for backward; returns how many changed.
+
+    ``Linear8bitLt``: its forward runs under ``_FrozenInt8Linear`` (same output, same input gradient, no copy
+    of ``x`` kept). ``Linear4bit``: keeps only its packed weight already; its CPU inference repacking is turned
+    off, since a training forward after it has no backward. Idempotent; a model without bitsandbytes layers is
+    left alone.
+    """
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except ImportError:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt) and not getattr(module, "_keeps_no_input", False):
+            module.forward = functools.partial(_int8_forward_keeping_no_input, module, module.forward)
+            module._keeps_no_input = True
+            changed += 1
+        elif isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
