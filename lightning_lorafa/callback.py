@@ -22,6 +22,7 @@ from lightning_lorafa.distributed import (
     prepare_for_strategy,
 )
 from lightning_lorafa.dropout import replace_dropout
+from lightning_lorafa.init import check_init_a
 from lightning_lorafa.memory import SavedActivationRecorder
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
 
@@ -45,7 +46,7 @@ class LoraFA(pl.Callback):
     into the freshly loaded base model.
 
     Args:
-        r, alpha, dropout, target_modules, exclude, modules_to_save, seed, use_rslora: see ``apply_lorafa``.
+        r, alpha, dropout, target_modules, exclude, modules_to_save, seed, use_rslora, init_a: see ``apply_lorafa``.
         lr, weight_decay, betas, eps: optimizer settings; ``None`` takes them from the module's optimizer.
         gradient_correction: apply the closed-form correction of B's gradient (default True).
         model_attr: attribute of the LightningModule holding the model to convert. Default: ``model``
@@ -69,6 +70,7 @@ class LoraFA(pl.Callback):
         modules_to_save: list[str] | None = None,
         seed: int = 0,
         use_rslora: bool = False,
+        init_a: str = "kaiming",
         lr: float | None = None,
         weight_decay: float | None = None,
         betas: tuple[float, float] | None = None,
@@ -80,6 +82,7 @@ class LoraFA(pl.Callback):
         attn_implementation: str | None = "auto",
         report_memory: bool = False,
     ) -> None:
+        check_init_a(init_a)
         self.lora_kwargs = {
             "r": r,
             "alpha": alpha,
@@ -89,6 +92,7 @@ class LoraFA(pl.Callback):
             "modules_to_save": modules_to_save,
             "seed": seed,
             "use_rslora": use_rslora,
+            "init_a": init_a,
         }
         self.optimizer_overrides = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         self.gradient_correction = gradient_correction

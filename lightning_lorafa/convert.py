@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from lightning_lorafa.init import check_init_a, initialize_lora_A
 from lightning_lorafa.layer import LoraFALinear, check_lora_arguments
 
 #: Module names treated as output heads: "all-linear" leaves them alone (train them with ``modules_to_save``).
@@ -26,6 +27,7 @@ class LoraFAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     seed: int = 0
+    init_a: str = "kaiming"  # how A was drawn (lightning_lorafa.init)
     target_modules: list[str] = field(default_factory=list)  # converted module names, in model order
     modules_to_save: list[str] = field(default_factory=list)  # fully trained module names
 
@@ -129,12 +131,14 @@ def apply_lorafa(
     modules_to_save: Iterable[str] | None = None,
     seed: int = 0,
     use_rslora: bool = False,
+    init_a: str = "kaiming",
 ) -> list[str]:
     """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers.
 
     Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``
     (names or suffixes, e.g. ``["classifier"]``), which train fully. A of the layer called ``name`` is
-    drawn from ``layer_seed(seed, name)``. The applied settings are stored as ``model.lorafa_config``.
+    drawn from ``layer_seed(seed, name)`` as ``init_a`` says (``"kaiming"`` or ``"orthogonal"``, see
+    ``lightning_lorafa.init``). The applied settings are stored as ``model.lorafa_config``.
 
     Returns:
         The converted module names.
@@ -147,6 +151,7 @@ def apply_lorafa(
     Nothing is changed when an error is raised.
     """
     check_lora_arguments(r, alpha, dropout)
+    check_init_a(init_a)
     existing = lorafa_layers(model)
     if existing:
         raise ValueError(
@@ -174,6 +179,8 @@ def apply_lorafa(
         layer = LoraFALinear(
             modules[name], r, alpha, dropout=dropout, use_rslora=use_rslora, seed=layer_seed(seed, name)
         )
+        if init_a != "kaiming" and layer.lora_A.device.type != "meta":
+            initialize_lora_A(layer, layer.seed, init_a)
         setattr(parent, child, layer)
 
     for param_name, param in model.named_parameters():
@@ -184,6 +191,7 @@ def apply_lorafa(
         dropout=float(dropout),
         use_rslora=use_rslora,
         seed=seed,
+        init_a=init_a,
         target_modules=names,
         modules_to_save=save_names,
     )
