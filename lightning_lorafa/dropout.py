@@ -1,78 +1,56 @@
 """Dropout that keeps a seed instead of a mask.
 
 A dropout mask is as large as its input. Backward needs it, so ordinary dropout keeps it alive
-from forward to backward. Here forward draws one integer seed from the global RNG (so runs stay
-reproducible under ``seed_everything``), builds the mask from a private generator seeded with it,
-and backward rebuilds the identical mask from the same seed: only the seed is kept.
+from forward to backward. Here forward draws a seed tensor from the device's RNG (so runs stay
+reproducible under ``seed_everything``), multiplies by the mask that seed determines
+(``kernels.dropout_mul``: one Triton kernel on CUDA), and backward rebuilds the identical mask from
+the same seed: only the 8-byte seed is kept, and nothing waits for the device.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function_unary
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-_SEED_HIGH = 2**62
+from lightning_lorafa.kernels import draw_seed, dropout_mul
+
 RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
 
 
-def draw_seed() -> int:
-    """Draw a seed for one dropout call from the global CPU RNG (advances it by one draw)."""
-    return int(torch.randint(_SEED_HIGH, (1,)).item())
-
-
-#: Dropout probabilities are resolved in steps of 1 / 2**16 (FlashAttention's kernels use 1 / 2**8).
-_LEVELS = 2**16
-
-
-def _dropped_levels(p: float) -> int:
-    """How many of the 2**16 values of a 16-bit draw drop an entry: ``p * 2**16`` rounded, at most 2**16 - 1."""
-    return min(round(p * _LEVELS), _LEVELS - 1)
-
-
-def effective_p(p: float) -> float:
-    """The drop probability ``dropout_scale`` realises for ``p``: ``p`` rounded to a multiple of 1 / 2**16."""
-    return _dropped_levels(p) / _LEVELS
-
-
-def dropout_scale(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The dropout multiplier ``mask / (1 - p)`` for ``shape``: zeros where dropped, ``1/(1-p)`` elsewhere.
-
-    The same ``(shape, p, seed, device, dtype)`` always gives the same tensor, on CPU and CUDA. Each entry
-    takes 16 uniform random bits (four per 64-bit draw) and is dropped when they fall below ``p * 2**16``,
-    so ``p`` is used as ``effective_p(p)`` (within 8e-6 of ``p``). On CPU this draws the mask about five
-    times faster than ``bernoulli_``, which matters because the mask is drawn twice (forward and backward).
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    shape = torch.Size(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((shape.numel() + 3) // 4,), generator=generator, device=device)
-    bits = words.view(torch.int16)[: shape.numel()].view(shape)  # uniform over [-2**15, 2**15)
-    dropped = _dropped_levels(p)
-    keep = bits >= dropped - _LEVELS // 2
-    return keep.to(dtype).mul_(1.0 / (1.0 - dropped / _LEVELS))
-
-
-class _RecomputedDropout(torch.autograd.Function):
-    """``x * dropout_scale(x.shape, p, seed)``, keeping the seed instead of the mask."""
+class _SeededDropout(torch.autograd.Function):
+    """``dropout_mul(x, seed, p)``, keeping the seed instead of the mask."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        ctx.p, ctx.seed = p, seed
-        return x * dropout_scale(x.shape, p, seed, x.device, x.dtype)
+    def forward(ctx, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.save_for_backward(seed)
+        ctx.p = p
+        return dropout_mul(x, seed, p)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out * dropout_scale(grad_out.shape, ctx.p, ctx.seed, grad_out.device, grad_out.dtype), None, None
+        (seed,) = ctx.saved_tensors
+        return dropout_mul(grad_out, seed, ctx.p), None, None
+
+
+def seeded_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of ``x`` (*) -> (*) with ``0 < p < 1`` that keeps a seed, not a mask, for backward.
+
+    Draws one seed from the RNG of ``x``'s device; the mask is ``kernels.dropout_mul``'s for that seed.
+    """
+    if has_torch_function_unary(x):  # lets TorchFunctionMode (the saved-activation recorder) see this call
+        return handle_torch_function(seeded_dropout, (x,), x, p)
+    return _SeededDropout.apply(x, draw_seed(x.device), p)
 
 
 class RecomputedDropout(nn.Module):
     """Drop-in ``nn.Dropout``: (*) -> (*), same semantics in train and eval mode, but keeps a seed, not a mask.
 
-    Each training forward with ``0 < p < 1`` draws one seed with ``draw_seed()``; the mask is
-    ``dropout_scale(x.shape, p, seed, ...)``, regenerated in backward. Raises ``ValueError`` unless 0 <= p <= 1.
+    Each training forward with ``0 < p < 1`` draws one seed (``seeded_dropout``); the mask is regenerated
+    in backward. Raises ``ValueError`` unless 0 <= p <= 1.
     """
 
     def __init__(self, p: float = 0.5) -> None:
@@ -86,14 +64,14 @@ class RecomputedDropout(nn.Module):
             return x
         if self.p == 1.0:
             return x * 0.0
-        return _RecomputedDropout.apply(x, self.p, draw_seed())
+        return seeded_dropout(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
 class _RecomputedDropoutAttention(torch.autograd.Function):
-    """``dropout(softmax(q k^T * scaling + bias + mask)) v`` keeping q, k, v, bias, mask and a seed only."""
+    """``dropout(softmax(q k^T * scaling + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
@@ -106,22 +84,21 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         mask: torch.Tensor | None,
         scaling: float,
         p: float,
-        seed: int,
+        seed: torch.Tensor,
     ) -> torch.Tensor:
         probs = _probabilities(query, key, bias, mask, scaling)  # (B, H, Sq, Sk)
-        ctx.save_for_backward(query, key, value, bias, mask)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
-        return torch.matmul(probs.mul_(dropout_scale(probs.shape, p, seed, probs.device, probs.dtype)), value)
+        ctx.save_for_backward(query, key, value, bias, mask, seed)
+        ctx.scaling, ctx.p = scaling, p
+        return torch.matmul(dropout_mul(probs, seed, p), value)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: torch.Tensor):
-        query, key, value, bias, mask = ctx.saved_tensors
+        query, key, value, bias, mask, seed = ctx.saved_tensors
         probs = _probabilities(query, key, bias, mask, ctx.scaling)
-        keep = dropout_scale(probs.shape, ctx.p, ctx.seed, probs.device, probs.dtype)
-        grad_value = torch.matmul((probs * keep).transpose(-2, -1), grad_out)
+        grad_value = torch.matmul(dropout_mul(probs, seed, ctx.p).transpose(-2, -1), grad_out)
         # Under autocast the matmul gives the autocast dtype while probs may be float32 (a float32 bias).
-        grad_probs = torch.matmul(grad_out, value.transpose(-2, -1)).to(probs.dtype).mul_(keep)
+        grad_probs = dropout_mul(torch.matmul(grad_out, value.transpose(-2, -1)).to(probs.dtype), seed, ctx.p)
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
         grad_scores = grad_scores * ctx.scaling
@@ -187,7 +164,7 @@ def recomputed_dropout_sdpa(
         ones = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
         attention_mask = ones.tril(kv_length - q_length)  # (Sq, Sk), True attends
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    seed = draw_seed()
+    seed = draw_seed(query.device)
     out = _RecomputedDropoutAttention.apply(query, key, value, position_bias, attention_mask, scaling, dropout, seed)
     return out.transpose(1, 2).contiguous(), None
 

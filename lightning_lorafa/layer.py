@@ -21,57 +21,47 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from lightning_lorafa.dropout import draw_seed, dropout_scale
+from lightning_lorafa.dropout import seeded_dropout
 
 #: Added to the diagonal of ``A A^T`` before inverting it.
 RIDGE = 1e-8
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the branch computes in: autocast's when autocast is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+def add_lora_fa_branch(
+    y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float = 0.0
+) -> torch.Tensor:
+    """``y + s * dropout(x) A^T B^T``: y (..., d_out), x (..., d_in), A (r, d_in) frozen, B (d_out, r).
+
+    Plain differentiable ops, so backward runs in autograd's C++ engine. With A frozen, autograd keeps
+    ``h = dropout(x) A^T`` (..., r) for B's gradient and never ``x``; the dropout keeps a seed, not a mask.
+    Under autocast the products run in the autocast dtype, like any ``F.linear``.
+    """
+    if has_torch_function_variadic(y, x, lora_A, lora_B):  # lets TorchFunctionMode (the recorder) name this op
+        return handle_torch_function(add_lora_fa_branch, (y, x, lora_A, lora_B), y, x, lora_A, lora_B, scaling, p)
+    if p > 0.0:
+        x = seeded_dropout(x, p)
+    h = F.linear(x, lora_A)  # (..., r)
+    out = F.linear(h, lora_B)  # (..., d_out)
+    if out.dtype != y.dtype:  # a quantized base computes in its own dtype while B stays float32
+        out = out.to(y.dtype)
+    return torch.add(y, out, alpha=scaling)
 
 
-class _LoraFABranch(torch.autograd.Function):
-    """``s * dropout(x) A^T B^T`` saving ``h = dropout(x) A^T`` and a seed instead of x and a mask."""
+class _CorrectedGradient(torch.autograd.Function):
+    """Identity on B (d_out, r) whose backward returns ``grad @ correction`` (float32 (r, r))."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int, correction=None):  # noqa: D102
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xd = x.to(dtype)
-            if p > 0.0:
-                xd = xd * dropout_scale(x.shape, p, seed, x.device, dtype)  # (..., d_in)
-            h = xd @ lora_A.to(dtype).t()  # (..., r)
-            out = (h @ lora_B.to(dtype).t()) * scaling  # (..., d_out)
-        ctx.save_for_backward(h, lora_A, lora_B, correction)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return out
+    def forward(ctx, lora_B: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(correction)
+        return lora_B.view_as(lora_B)
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        h, lora_A, lora_B, correction = ctx.saved_tensors
-        dtype = h.dtype
-        grad_out = grad_out.to(dtype)
-        grad_x = grad_B = None
-        with torch.autocast(grad_out.device.type, enabled=False):
-            if ctx.needs_input_grad[2]:
-                dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
-                grad_B = (dy.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scaling)  # (d_out, r)
-                if correction is not None:
-                    grad_B = grad_B.float() @ correction  # (d_out, r) @ (r, r)
-                grad_B = grad_B.to(lora_B.dtype)
-            if ctx.needs_input_grad[0]:
-                grad_x = (grad_out @ lora_B.to(dtype)) @ lora_A.to(dtype)  # (..., d_in)
-                grad_x = grad_x.mul_(ctx.scaling)
-                if ctx.p > 0.0:
-                    grad_x = grad_x.mul_(dropout_scale(ctx.x_shape, ctx.p, ctx.seed, grad_x.device, dtype))
-                grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, None, grad_B, None, None, None, None
+    def backward(ctx, grad: torch.Tensor):
+        (correction,) = ctx.saved_tensors
+        return (grad.float() @ correction).to(grad.dtype), None
 
 
 def init_lora_A(lora_A: torch.Tensor, seed: int) -> torch.Tensor:
@@ -167,11 +157,12 @@ class LoraFALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        p = self.dropout if self.training else 0.0
-        seed = draw_seed() if p > 0.0 else 0
-        correction = correction_matrix(self) if self.correct_in_backward and self.lora_B.requires_grad else None
-        branch = _LoraFABranch.apply(x, self.lora_A, self.lora_B, self.scaling, p, seed, correction)
-        return y + branch.to(y.dtype)
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if x.dtype != lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # e.g. half inputs to a quantized base
+        if self.correct_in_backward and lora_B.requires_grad:
+            lora_B = _CorrectedGradient.apply(lora_B, correction_matrix(self))
+        return add_lora_fa_branch(y, x, lora_A, lora_B, self.scaling, self.dropout if self.training else 0.0)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` (d_out, d_in), computed in float32."""

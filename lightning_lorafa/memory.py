@@ -179,14 +179,16 @@ class StepStats:
     peak_allocated_bytes: int | None
 
 
-def measure_step(step: Callable[[], Any], tokens: int, repeats: int = 3, warmup: int = 1) -> StepStats:
+def measure_step(
+    step: Callable[[], Any], tokens: int, repeats: int = 3, warmup: int = 1, device: torch.device | str = "cpu"
+) -> StepStats:
     """Time ``step`` (forward, backward and optimizer step) ``repeats`` times after ``warmup`` runs.
 
-    ``tokens``: tokens one step processes (batch * sequence). On CUDA, synchronizes around each step and
-    reports ``torch.cuda.max_memory_allocated`` over the timed steps; elsewhere ``peak_allocated_bytes``
-    is None.
+    ``tokens``: tokens one step processes (batch * sequence). ``device``: where the step runs. On a CUDA
+    device, synchronizes around each step and reports ``torch.cuda.max_memory_allocated`` over the timed
+    steps; elsewhere ``peak_allocated_bytes`` is None (also when CUDA is present but the step runs on CPU).
     """
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         step()
     if cuda:

@@ -15,11 +15,9 @@ from lightning_lorafa.dropout import (
     RECOMPUTED_DROPOUT_SDPA,
     RecomputedDropout,
     _RecomputedDropoutAttention,
-    draw_seed,
-    dropout_scale,
-    effective_p,
     replace_dropout,
 )
+from lightning_lorafa.kernels import draw_seed, dropout_mul, effective_p
 from lightning_lorafa.memory import measure_saved_activations
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -35,7 +33,7 @@ class StoredMaskDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return x * dropout_scale(x.shape, self.p, draw_seed(), x.device, x.dtype)
+        return x * dropout_mul(torch.ones_like(x), draw_seed(x.device), self.p)
 
 
 def stored_mask_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -48,7 +46,7 @@ def stored_mask_attention(module, query, key, value, attention_mask, dropout=0.0
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
-    probs = probs * dropout_scale(probs.shape, dropout, draw_seed(), probs.device, probs.dtype)
+    probs = probs * dropout_mul(torch.ones_like(probs), draw_seed(probs.device), dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
@@ -75,24 +73,29 @@ def test_recomputed_dropout_equals_stored_mask_reference(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_scale_is_a_seeded_unbiased_dropout_mask(device, p):
+def test_dropout_mul_is_a_seeded_unbiased_dropout_mask(device, p):
     shape = torch.Size([2, 500, 1001])  # odd element count: the last 64-bit draw is used in part
-    scale = dropout_scale(shape, p, 17, torch.device(device), torch.float32)
+    ones = torch.ones(shape, device=device)
+    seed, other = torch.tensor(17, device=device), torch.tensor(18, device=device)
+    scale = dropout_mul(ones, seed, p)
     assert scale.shape == shape and scale.device.type == device
     assert abs(effective_p(p) - p) <= 2**-17
     assert scale.unique().tolist() == [0.0, pytest.approx(1 / (1 - effective_p(p)))]
     dropped = (scale == 0).double().mean().item()
     assert abs(dropped - p) < 0.003  # ~1e6 draws: the standard error is below 5e-4
     assert abs(scale.double().mean().item() - 1.0) < 0.01
-    assert torch.equal(scale, dropout_scale(shape, p, 17, torch.device(device), torch.float32))
-    assert not torch.equal(scale, dropout_scale(shape, p, 18, torch.device(device), torch.float32))
-    half = dropout_scale(shape, p, 17, torch.device(device), torch.bfloat16)
+    assert torch.equal(scale, dropout_mul(ones, seed, p))
+    assert not torch.equal(scale, dropout_mul(ones, other, p))
+    half = dropout_mul(ones.bfloat16(), seed, p)
     assert half.dtype == torch.bfloat16 and torch.equal(half == 0, scale == 0)
+    strided = dropout_mul(ones.transpose(0, 2), seed, p)  # masks follow the logical element order
+    assert strided.is_contiguous() and torch.equal(strided, scale.view(1001, 500, 2))
 
 
-def test_recomputed_dropout_saves_nothing_where_nn_dropout_saves_its_mask():
+def test_recomputed_dropout_saves_its_seed_where_nn_dropout_saves_its_mask():
     x = torch.randn(8, 16, 32, requires_grad=True)
-    assert measure_saved_activations(lambda: RecomputedDropout(0.1).train()(x)).total_bytes == 0
+    ours = measure_saved_activations(lambda: RecomputedDropout(0.1).train()(x))
+    assert ours.by_op == {"seeded_dropout": 8}  # one int64 seed
     stored = measure_saved_activations(lambda: nn.Dropout(0.1).train()(x))
     assert stored.total_bytes == x.numel() * x.element_size()  # on CPU, nn.Dropout keeps a float mask
 
@@ -116,7 +119,7 @@ def test_attention_kernel_gradcheck_with_bias_and_mask():
     mask[..., 0] = True
 
     def attention(q, k, v, bias):
-        return _RecomputedDropoutAttention.apply(q, k, v, bias, mask, 0.5, 0.25, 11)
+        return _RecomputedDropoutAttention.apply(q, k, v, bias, mask, 0.5, 0.25, torch.tensor(11))
 
     assert torch.autograd.gradcheck(attention, (q, k, v, bias))
 
@@ -220,7 +223,9 @@ def test_no_saved_tensor_is_a_dropout_mask_after_replace_dropout():
     after = saved(model)
     assert "dropout" not in after.by_op
     kept_by = {"_RecomputedDropoutAttention", "layer_norm", "linear", "gelu", "embedding", "tanh", "cross_entropy"}
+    kept_by.add("seeded_dropout")
     assert {t.op for t in after.tensors} <= kept_by
+    assert all(t.nbytes == 8 for t in after.tensors if t.op == "seeded_dropout")  # a seed each, no mask
     assert after.total_bytes < before.total_bytes
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from lightning_lorafa import LoraFALinear
-from lightning_lorafa.dropout import draw_seed, dropout_scale
-from lightning_lorafa.layer import _LoraFABranch, init_lora_A
+from lightning_lorafa.kernels import draw_seed, dropout_mul
+from lightning_lorafa.layer import add_lora_fa_branch, init_lora_A
 
 
 def make_layer(d_in=12, d_out=10, r=4, alpha=8.0, bias=True, dropout=0.0, dtype=torch.float32, seed=3):
@@ -69,7 +69,7 @@ def test_gradients_equal_autograd_reference(dropout):
     grad_x, grad_B = x.grad.clone(), layer.lora_B.grad.clone()
 
     torch.manual_seed(42)  # the same seed draw as the forward above
-    scale = dropout_scale(x.shape, dropout, draw_seed(), x.device, x.dtype) if dropout else None
+    scale = dropout_mul(torch.ones_like(x), draw_seed(x.device), dropout) if dropout else None
     x.grad, layer.lora_B.grad = None, None
     (reference(layer, x, scale) * dy).sum().backward()
     torch.testing.assert_close(grad_x, x.grad, rtol=1e-5, atol=1e-6)
@@ -83,7 +83,7 @@ def test_dropout_mask_regenerated_exactly_against_stored_mask():
     out = layer(x)
     out.sum().backward()
     torch.manual_seed(5)
-    mask = dropout_scale(x.shape, 0.5, draw_seed(), x.device, x.dtype)  # stored by the reference
+    mask = dropout_mul(torch.ones_like(x), draw_seed(x.device), 0.5)  # stored by the reference
     assert 0 < torch.count_nonzero(mask) < mask.numel()
     x_ref = x.detach().clone().requires_grad_(True)
     ref = reference(layer, x_ref, mask)
@@ -101,7 +101,13 @@ def test_gradcheck_float64(p):
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     a = torch.randn(3, 6, dtype=torch.float64)
     b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: _LoraFABranch.apply(x, a, b, 1.5, p, 1234), (x, b))
+    y = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def branch(y, x, b):
+        torch.manual_seed(1234)  # the same dropout seed at every call
+        return add_lora_fa_branch(y, x, a, b, 1.5, p)
+
+    assert torch.autograd.gradcheck(branch, (y, x, b))
 
 
 def saved_activation_shapes(layer, x):
@@ -124,7 +130,8 @@ def test_backward_keeps_only_xA_not_x(dropout):
     layer = make_layer(d_in=64, d_out=48, r=4, dropout=dropout).train()
     x = torch.randn(8, 16, 64, requires_grad=True)
     saved = saved_activation_shapes(layer, x)
-    assert saved == [((8, 16, 4), 8 * 16 * 4 * 4)]  # h = dropout(x) A^T, float32; no x, no mask
+    h = ((8 * 16, 4), 8 * 16 * 4 * 4)  # h = dropout(x) A^T (as the 2-D view matmul saves), float32; no x, no mask
+    assert saved == ([((), 8), h] if dropout else [h])  # with dropout, its 8-byte seed
 
 
 def test_input_without_grad_still_trains_B():
