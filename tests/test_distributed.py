@@ -6,6 +6,7 @@ The ``test_two_processes_*`` tests each run the worker once (about 15 s): 2 epoc
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import TwoLayerNet, tiny_llama, tiny_roberta
-from distributed_worker import EPOCHS, Classifier, data, trained_tensors
+from distributed_worker import EPOCHS, LR, Classifier, data, trained_tensors
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_lorafa import (
@@ -102,6 +103,63 @@ def test_two_processes_fsdp2_sharded_checkpoint_directory_resumes_exactly(tmp_pa
     directory = tmp_path / "first" / "half.ckpt"
     assert directory.is_dir() and (directory / "meta.pt").is_file()
     assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["half.ckpt"]  # no temp or old copy left
+
+
+FSDP1_WORKER = Path(__file__).parent / "fsdp1_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_fsdp1_flat_sharded_B_trains_like_one_and_resumes_exactly(tmp_path):
+    """torch's FSDP1 on 2 CPU processes, B flattened into each unit's flat parameter and split across ranks: the
+    correction in backward gives one process's B and AdamW state, and a checkpoint resumes bit for bit."""
+    done = subprocess.run(
+        [sys.executable, str(FSDP1_WORKER), str(tmp_path), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = torch.load(tmp_path / "fsdp1.pt", weights_only=False)
+
+    full = {key: tensor.numel() for key, tensor in result["straight"][0].items() if key.endswith("lora_B")}
+    assert len(full) == 12
+    local = result["local_numel"]  # each rank's element count of each B
+    assert all(local[0][key] + local[1][key] == numel for key, numel in full.items())
+    split = sorted(key for key in full if 0 < local[0][key] < full[key])
+    assert split == [f"roberta.encoder.layer.{i}.attention.self.value.lora_B" for i in (0, 1)]  # ragged pieces
+
+    torch.manual_seed(0)
+    model = tiny_roberta().train()
+    apply_lorafa(model, r=4, alpha=8, modules_to_save=["classifier"])
+    optimizer = create_lorafa_optimizer(model, lr=LR, weight_decay=0.01)
+    batches = list(data(batch_size=8))
+    for step in range(4):
+        input_ids, labels = batches[step % len(batches)]
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    names = {id(p): name for name, p in model.named_parameters()}
+    expected_state = {names[id(p)]: state for p, state in optimizer.state.items()}
+    reference = model.state_dict()
+
+    (adapter, optim), (resumed, resumed_optim) = result["straight"], result["resumed"]
+    half_adapter, _ = result["half"]
+    assert sorted(optim["state"]) == sorted(expected_state) and len(expected_state) == 16
+    for key, tensor in adapter.items():
+        torch.testing.assert_close(tensor, reference[key], rtol=1e-4, atol=1e-6, msg=key)
+        assert torch.equal(resumed[key], tensor), key  # resume is exact
+        if key.endswith("lora_B"):
+            assert not torch.equal(half_adapter[key], tensor), key  # the resumed half trained
+    for name, state in expected_state.items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optim["state"][name][moment], state[moment], rtol=1e-4, atol=1e-9, msg=name)
+            assert torch.equal(resumed_optim["state"][name][moment], optim["state"][name][moment]), name
+        assert optim["state"][name]["step"] == resumed_optim["state"][name]["step"] == 4
 
 
 def test_in_backward_correction_equals_the_optimizer_correction():
