@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_lorafa.attention import set_attention_implementation
-from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state, get_lorafa_config
-from lightning_lorafa.convert import Targets, apply_lorafa, count_parameters, lorafa_layers
+from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state
+from lightning_lorafa.convert import Targets, apply_lorafa, count_parameters, get_lorafa_config, lorafa_layers
 from lightning_lorafa.distributed import (
     check_no_frozen_parameters,
     check_not_sharded,
@@ -25,6 +25,7 @@ from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.init import check_init_a
 from lightning_lorafa.memory import SavedActivationRecorder
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
+from lightning_lorafa.recompute import Recompute, apply_recompute, check_recompute, check_recompute_strategy
 
 #: Learning rate used when ``configure_optimizers`` returns None and ``LoraFA(lr=...)`` is not given.
 DEFAULT_LR = 1e-4
@@ -54,6 +55,8 @@ class LoraFA(pl.Callback):
         adapter_only_checkpoints: save only the adapter in Lightning checkpoints (default True).
         recompute_dropout: make the model's own dropouts (hidden and attention probabilities) keep a seed
             instead of a mask, like the LoRA-FA layers do (``replace_dropout``; default True).
+        recompute: ``"none"`` (default), ``"mlp"`` (each transformer block's MLP keeps only its input and is
+            recomputed in backward) or ``"block"`` (whole blocks are checkpointed); see ``apply_recompute``.
         attn_implementation: ``"auto"`` (FlashAttention-2 where installed and supported, else SDPA, else
             eager), an explicit ``"flash_attention_2"``/``"sdpa"``/``"eager"``, or None to leave it alone.
         report_memory: log the saved-activation bytes of the first training step by op, and at the end of
@@ -79,6 +82,7 @@ class LoraFA(pl.Callback):
         model_attr: str | None = None,
         adapter_only_checkpoints: bool = True,
         recompute_dropout: bool = True,
+        recompute: Recompute = "none",
         attn_implementation: str | None = "auto",
         report_memory: bool = False,
     ) -> None:
@@ -99,6 +103,9 @@ class LoraFA(pl.Callback):
         self.model_attr = model_attr
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.recompute_dropout = recompute_dropout
+        check_recompute(recompute)
+        self.recompute = recompute
+        self._recomputed: set[int] = set()
         self.attn_implementation = attn_implementation
         self.report_memory = report_memory
         self._wrapped: set[int] = set()
@@ -179,6 +186,11 @@ class LoraFA(pl.Callback):
             self._hooked.add(id(pl_module))
             pl_module.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
         prepare_for_strategy(model, pl_module.trainer.strategy, self.gradient_correction)
+        if self.recompute != "none" and id(model) not in self._recomputed:
+            check_recompute_strategy(self.recompute, pl_module.trainer.strategy)
+            regions = apply_recompute(model, self.recompute)
+            self._recomputed.add(id(model))
+            rank_zero_info(f"LoRA-FA: recompute={self.recompute!r}: {len(regions)} regions recomputed in backward.")
         return names
 
     def _log_conversion(self, pl_module: pl.LightningModule, model: nn.Module, names: list[str]) -> None:
