@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_lorafa.attention import set_attention_implementation
-from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state, get_lorafa_config
-from lightning_lorafa.convert import Targets, apply_lorafa, count_parameters, lorafa_layers
+from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state
+from lightning_lorafa.convert import Targets, apply_lorafa, count_parameters, get_lorafa_config, lorafa_layers
 from lightning_lorafa.distributed import (
     check_no_frozen_parameters,
     check_not_sharded,

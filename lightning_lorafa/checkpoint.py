@@ -1,7 +1,8 @@
 """Adapter-only state: what training changes (A, B, ``modules_to_save``), saved without the frozen base.
 
 A is stored as a tensor (not only its seed), so a restored layer has exactly the A it trained with.
-Files are written to a temporary name and renamed into place, so a crash never leaves a half file.
+Files are written to a temporary name and renamed into place, so a crash never leaves a half file; a file
+damaged some other way (a cut-off copy, an empty file, another format) is refused with its name.
 """
 
 from __future__ import annotations
@@ -13,25 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_lorafa.convert import LoraFAConfig, apply_lorafa
+from lightning_lorafa.convert import LoraFAConfig, apply_lorafa, get_lorafa_config
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "lorafa_config.json"
-
-
-def get_lorafa_config(model: nn.Module) -> LoraFAConfig:
-    """The ``LoraFAConfig`` that ``apply_lorafa`` stored on ``model``.
-
-    Raises:
-        ValueError: the model was not converted.
-    """
-    config = getattr(model, "lorafa_config", None)
-    if not isinstance(config, LoraFAConfig):
-        raise ValueError(f"{type(model).__name__} has no LoRA-FA layers: call apply_lorafa(model, ...) first.")
-    return config
 
 
 def adapter_keys(model: nn.Module, prefix: str = "") -> list[str]:
@@ -122,6 +112,39 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def read_adapter_files(directory: str | os.PathLike) -> tuple[LoraFAConfig, dict[str, torch.Tensor], Path]:
+    """The saved ``LoraFAConfig`` and tensors of an adapter directory, and the adapter file's path.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no ``adapter.safetensors`` or no ``lorafa_config.json``.
+        ValueError: either file is damaged (truncated, empty, not safetensors/JSON, fields missing); the
+            message names the file.
+    """
+    directory = Path(directory)
+    path, config_path = directory / ADAPTER_FILE, directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No LoRA-FA adapter at {path}: expected a directory written by save_adapter().")
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} is missing: save_adapter() writes it next to {ADAPTER_FILE}. Copy the whole adapter "
+            "directory, or save the adapter again."
+        )
+    advice = (
+        "The file is damaged (e.g. cut off by an interrupted copy or download): copy it again, "
+        "or save the adapter again with save_adapter()."
+    )
+    try:
+        saved = LoraFAConfig(**json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as error:  # bad JSON or text, or fields that are not LoraFAConfig's
+        raise ValueError(f"Cannot read the LoRA-FA adapter config {config_path}: {error}. {advice}") from error
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as error:
+        size = path.stat().st_size
+        raise ValueError(f"Cannot read the LoRA-FA adapter file {path} ({size} bytes): {error}. {advice}") from error
+    return saved, tensors, path
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter written by ``save_adapter`` into ``model`` and return it.
 
@@ -129,14 +152,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     rank, alpha, dropout, modules_to_save). A converted model must match them.
 
     Raises:
-        FileNotFoundError: ``directory`` holds no adapter.
-        ValueError: rank, names or shapes differ (the message names the keys).
+        FileNotFoundError: ``directory`` holds no adapter (or no config beside it).
+        ValueError: a damaged file (named in the message), or rank, names or shapes differ (the message
+            names the keys).
     """
-    directory = Path(directory)
-    path = directory / ADAPTER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"No LoRA-FA adapter at {path}: expected a directory written by save_adapter().")
-    saved = LoraFAConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+    saved, tensors, path = read_adapter_files(directory)
     if getattr(model, "lorafa_config", None) is None:
         try:
             apply_lorafa(
@@ -148,11 +168,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 modules_to_save=saved.modules_to_save,
                 seed=saved.seed,
                 use_rslora=saved.use_rslora,
+                init_a=saved.init_a,
             )
         except (ValueError, TypeError) as error:
             raise ValueError(f"Adapter {path} does not fit {type(model).__name__}: {error}") from error
     config = get_lorafa_config(model)
-    tensors = load_file(path)
     state = model.state_dict()
     check_adapter_state({key: state[key] for key in adapter_keys(model)}, tensors, f"Adapter {path}", config.r)
     if config.alpha != saved.alpha or config.use_rslora != saved.use_rslora:

@@ -198,6 +198,18 @@ def apply_lorafa(
     return names
 
 
+def get_lorafa_config(model: nn.Module) -> LoraFAConfig:
+    """The ``LoraFAConfig`` that ``apply_lorafa`` stored on ``model``.
+
+    Raises:
+        ValueError: the model was not converted.
+    """
+    config = getattr(model, "lorafa_config", None)
+    if not isinstance(config, LoraFAConfig):
+        raise ValueError(f"{type(model).__name__} has no LoRA-FA layers: call apply_lorafa(model, ...) first.")
+    return config
+
+
 def _resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
     if not modules_to_save:
         return []

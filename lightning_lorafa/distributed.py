@@ -13,13 +13,14 @@ Only the frozen base weights need sharding; B, its gradient and its AdamW moment
 
 Checkpoints hold only the adapter. ``LoraFAModelParallelStrategy`` saves and loads them under FSDP2
 (full file or sharded directory); ``AtomicCheckpointIO`` writes checkpoint files by temp-file-and-rename.
+Building a sharded model in ``configure_model`` (convert first, then ``fully_shard``) is ``lightning_lorafa.sharding``.
+This module does not depend on the ``LoraFA`` callback; the callback uses its checks.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,74 +122,6 @@ def check_resume_supported(trainer: pl.Trainer, adapter_only_checkpoints: bool) 
             "which this strategy cannot load. Use lightning_lorafa.LoraFAModelParallelStrategy(...) (same arguments), "
             "or LoraFA(adapter_only_checkpoints=False) for full checkpoints."
         )
-
-
-def convert_before_sharding(pl_module: pl.LightningModule) -> list[str]:
-    """Convert ``pl_module``'s model now with the settings of the trainer's ``LoraFA`` callback.
-
-    Call it in ``configure_model`` after building the model and before ``fully_shard``::
-
-        def configure_model(self):
-            self.model = build_model()
-            convert_before_sharding(self)
-            fully_shard_blocks(self.model, self.device_mesh["data_parallel"])
-
-    Returns the converted module names. Raises ``RuntimeError`` when the trainer has no ``LoraFA`` callback.
-    """
-    from lightning_lorafa.callback import LoraFA
-
-    callbacks = [c for c in pl_module.trainer.callbacks if isinstance(c, LoraFA)]
-    if not callbacks:
-        raise RuntimeError("convert_before_sharding: the trainer has no LoraFA callback; add LoraFA(...) to callbacks.")
-    return callbacks[0].convert(pl_module)
-
-
-def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The transformer block classes of a transformers model (its ``_no_split_modules`` found in it).
-
-    Use them as FSDP1's ``auto_wrap_policy`` (``FSDPStrategy(auto_wrap_policy=...)``) or FSDP2 units.
-
-    Raises:
-        ValueError: the model names no block classes, or none of them occurs in it.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    found = {type(m) for m in model.modules() if type(m).__name__ in names}
-    if not found:
-        raise ValueError(
-            f"{type(model).__name__} names no transformer block classes (_no_split_modules={sorted(names)}) that "
-            "occur in it; pass the block classes yourself (e.g. {LlamaDecoderLayer})."
-        )
-    return found
-
-
-def fully_shard_blocks(
-    model: nn.Module, mesh: Any = None, blocks: Iterable[type[nn.Module]] | None = None, **kwargs: Any
-) -> nn.Module:
-    """FSDP2: ``fully_shard`` each transformer block of a converted ``model``, then the model itself.
-
-    Each block is one all-gather unit; its frozen W, A buffer and trainable B stay together.
-
-    Args:
-        mesh: the data-parallel device mesh (in a LightningModule: ``self.device_mesh["data_parallel"]``).
-        blocks: block classes; default ``transformer_block_classes(model)``.
-        kwargs: passed to ``fully_shard`` (e.g. ``mp_policy``, ``reshard_after_forward``).
-
-    Raises:
-        ValueError: ``model`` has no LoRA-FA layers (convert it first: sharding comes last).
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    if not lorafa_layers(model):
-        raise ValueError(
-            f"{type(model).__name__} has no LoRA-FA layers: convert it (convert_before_sharding(self) or apply_lorafa) "
-            "before fully_shard_blocks."
-        )
-    classes = tuple(blocks) if blocks is not None else tuple(transformer_block_classes(model))
-    for module in model.modules():
-        if isinstance(module, classes):
-            fully_shard(module, mesh=mesh, **kwargs)
-    fully_shard(model, mesh=mesh, **kwargs)
-    return model
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,13 +1,14 @@
 import json
+import re
 
 import pytest
 import torch
 from conftest import TwoLayerNet, randomize_lora_B, tiny_llama, tiny_roberta
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lightning_lorafa import adapter_state_dict, apply_lorafa, export_peft, load_adapter, lorafa_layers, save_adapter
-from lightning_lorafa.checkpoint import ADAPTER_FILE, atomic_write
+from lightning_lorafa.checkpoint import ADAPTER_FILE, CONFIG_FILE, atomic_write
 
 
 def trained_roberta(r=4, **kwargs):
@@ -71,6 +72,65 @@ def test_load_into_other_architecture_names_the_keys(tmp_path):
 def test_missing_adapter_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="No LoRA-FA adapter at .*adapter.safetensors"):
         load_adapter(tiny_roberta(), tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: data[:-1], id="last-byte-missing"),
+        pytest.param(lambda data: b"", id="zero-bytes"),
+        pytest.param(lambda data: b"version https://git-lfs.github.com/spec/v1\n", id="not-safetensors"),
+    ],
+)
+def test_damaged_adapter_file_names_the_file_and_what_to_do(tmp_path, damage):
+    save_adapter(trained_roberta(), tmp_path)
+    path = tmp_path / ADAPTER_FILE
+    path.write_bytes(damage(path.read_bytes()))
+    size = path.stat().st_size
+    fresh = tiny_roberta()
+    for model in (fresh, trained_roberta()):  # to be converted by load_adapter, or converted already
+        with pytest.raises(ValueError) as error:
+            load_adapter(model, tmp_path)
+        message = str(error.value)
+        assert f"Cannot read the LoRA-FA adapter file {path} ({size} bytes)" in message
+        assert "copy it again, or save the adapter again with save_adapter()" in message
+    assert getattr(fresh, "lorafa_config", None) is None and not lorafa_layers(fresh)  # left unchanged
+
+
+def test_adapter_file_with_other_keys_names_the_file_and_the_keys(tmp_path):
+    save_adapter(trained_roberta(), tmp_path)
+    path = tmp_path / ADAPTER_FILE
+    tensors = load_file(path)
+    tensors["roberta.pooler.dense.weight"] = tensors.pop("classifier.dense.weight")  # a key the adapter lacks
+    save_file(tensors, path)
+    with pytest.raises(
+        ValueError,
+        match=rf"Adapter {re.escape(str(path))} does not fit this model \(missing: classifier\.dense\.weight; "
+        r"unexpected: roberta\.pooler\.dense\.weight\)\. Load it into the same architecture",
+    ):
+        load_adapter(tiny_roberta(), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"r": 4, "alpha": 8', "Expecting"),  # cut off
+        ("", "Expecting value"),
+        ('{"rank": 4}', "unexpected keyword argument 'rank'"),
+    ],
+)
+def test_damaged_adapter_config_names_the_file(tmp_path, text, problem):
+    save_adapter(trained_roberta(), tmp_path)
+    path = tmp_path / CONFIG_FILE
+    path.write_text(text)
+    with pytest.raises(
+        ValueError, match=rf"Cannot read the LoRA-FA adapter config {re.escape(str(path))}: .*{problem}"
+    ):
+        load_adapter(tiny_roberta(), tmp_path)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(path))} is missing: save_adapter\(\) writes it"):
+        load_adapter(tiny_roberta(), tmp_path)
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):

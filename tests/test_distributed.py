@@ -6,6 +6,7 @@ The ``test_two_processes_*`` tests each run the worker once (about 15 s): 2 epoc
 
 from __future__ import annotations
 
+import ast
 import socket
 import subprocess
 import sys
@@ -234,6 +235,30 @@ def test_resuming_adapter_only_checkpoint_with_plain_model_parallel_strategy_is_
     with pytest.raises(ValueError, match=r"Use lightning_lorafa.LoraFAModelParallelStrategy"):
         check_resume_supported(module.trainer, adapter_only_checkpoints=True)
     check_resume_supported(module.trainer, adapter_only_checkpoints=False)
+
+
+def imported_modules(module) -> set[str]:
+    """The modules a module's source imports (anywhere in it, functions included)."""
+    tree = ast.parse(Path(module.__file__).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_strategy_checks_do_not_depend_on_the_callback():
+    import lightning_lorafa.callback
+    import lightning_lorafa.distributed
+    import lightning_lorafa.sharding
+
+    assert "lightning_lorafa.distributed" in imported_modules(lightning_lorafa.callback)
+    assert not {"lightning_lorafa.callback", "lightning_lorafa.sharding"} & imported_modules(
+        lightning_lorafa.distributed
+    )
+    assert "lightning_lorafa.callback" in imported_modules(lightning_lorafa.sharding)
 
 
 def test_transformer_block_classes():
