@@ -1,0 +1,103 @@
+"""torch.compile sees through LoRA-FA: no graph breaks in train mode, compiled steps equal eager ones."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama, tiny_roberta
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lorafa import LoraFA, lorafa_layers
+from lightning_lorafa.dropout import RECOMPUTED_DROPOUT_SDPA
+
+
+class Tuned(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _llama_with_dropout() -> torch.nn.Module:
+    model = tiny_llama()
+    model.config.attention_dropout = 0.1
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    return model
+
+
+def converted_by_the_callback(build, tmp_path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny model converted and trained one step by ``Trainer(callbacks=[LoraFA(dropout=0.1)])``."""
+    model = build().train()
+    ids = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids if model.config.model_type == "llama" else ids[:, 0] % 2
+    trainer = pl.Trainer(
+        max_steps=1,
+        callbacks=[LoraFA(r=4, alpha=8, dropout=0.1)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Tuned(model), DataLoader(TensorDataset(ids, labels), batch_size=2))
+    assert lorafa_layers(model) and model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())  # RoBERTa's are RecomputedDropout now
+    return model.train(), ids[:2], labels[:2]
+
+
+BUILDS = [pytest.param(lambda: tiny_roberta(dropout=0.1), id="roberta"), pytest.param(_llama_with_dropout, id="llama")]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_no_graph_breaks_in_train_mode(build, tmp_path):
+    model, ids, labels = converted_by_the_callback(build, tmp_path)
+    explanation = torch._dynamo.explain(lambda i, y: model(input_ids=i, labels=y).loss)(ids, labels)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_compiled_step_equals_eager(build, tmp_path):
+    """Dynamo and AOTAutograd trace the seed draws in eager order, so even dropout masks agree exactly."""
+    model, ids, labels = converted_by_the_callback(build, tmp_path)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model.eval()
+    torch.testing.assert_close(compiled(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)
+    model.train()
+    grads = []
+    for run in (compiled, model):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        loss = run(input_ids=ids, labels=labels).loss
+        loss.backward()
+        grads.append((loss.detach(), [layer.lora_B.grad.clone() for layer in lorafa_layers(model).values()]))
+    (loss, grad), (eager_loss, eager_grad) = grads
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    assert len(grad) == len(eager_grad) > 0
+    for g, e in zip(grad, eager_grad, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grad)
+
+
+def test_inductor_compiled_model_matches_eval_and_trains(tmp_path):
+    model, ids, labels = converted_by_the_callback(lambda: tiny_roberta(dropout=0.1), tmp_path)
+    compiled = torch.compile(model)
+    model.eval()
+    torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    layer = next(iter(lorafa_layers(model).values()))
+    before = layer.lora_B.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = compiled(input_ids=ids, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(layer.lora_B, before)

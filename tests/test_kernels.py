@@ -1,0 +1,82 @@
+"""The dropout-mask kernel: the CPU path in process, the Triton (CUDA) kernel under Triton's interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_lorafa import LoraFALinear
+from lightning_lorafa.kernels import draw_seed, dropout_mul, effective_p, keep_scale, uses_triton
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_effective_p_and_keep_scale():
+    assert effective_p(0.1) == 6554 / 2**16
+    assert keep_scale(0.1) == 1 / (1 - 6554 / 2**16)
+    assert effective_p(0.0) == 0.0 and keep_scale(0.0) == 1.0
+    assert effective_p(1 - 2**-20) == (2**16 - 1) / 2**16  # never drops everything
+
+
+def test_draw_seed_is_a_device_tensor_reproducible_under_manual_seed():
+    torch.manual_seed(3)
+    first = draw_seed(torch.device("cpu"))
+    assert first.shape == () and first.dtype == torch.int64 and first.device.type == "cpu"
+    torch.manual_seed(3)
+    assert torch.equal(draw_seed(torch.device("cpu")), first)
+    assert not torch.equal(draw_seed(torch.device("cpu")), first)
+
+
+def test_cpu_path_runs_without_triton_kernel():
+    assert not uses_triton(torch.ones(2)) or os.environ.get("TRITON_INTERPRET") == "1"
+    empty = dropout_mul(torch.ones(0, 3), torch.tensor(1), 0.5)
+    assert empty.shape == (0, 3)
+
+
+def test_triton_kernel_under_interpreter():
+    """The CUDA path's Triton kernel, run by Triton's CPU interpreter: a seeded, unbiased mask that forward and
+    backward rebuild identically."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "triton_kernel_worker.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("uses_triton") is True
+    assert results.pop("values") == [0.0, pytest.approx(keep_scale(0.25))]
+    assert abs(results.pop("dropped") - 0.25) < 0.01  # 21,210 draws: the standard error is 0.003
+    assert all(results.values()), results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_layer_rebuilds_the_forward_mask_in_backward():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    layer = LoraFALinear(nn.Linear(64, 48), r=8, alpha=16, dropout=0.3).cuda().train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 33, 64, device="cuda", requires_grad=True)
+    assert uses_triton(x)
+    torch.cuda.manual_seed(11)
+    out = layer(x)
+    out.square().sum().backward()
+    torch.cuda.manual_seed(11)
+    mask = dropout_mul(torch.ones_like(x), draw_seed(x.device), 0.3)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = layer.base(x_ref) + layer.scaling * ((x_ref * mask) @ layer.lora_A.t()) @ layer.lora_B.t()
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert abs((mask == 0).float().mean().item() - 0.3) < 0.02

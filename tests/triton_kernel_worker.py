@@ -1,0 +1,63 @@
+"""Runs the CUDA dropout path (the Triton kernel) on CPU under Triton's interpreter; prints JSON results.
+
+Started by ``tests/test_kernels.py`` with ``TRITON_INTERPRET=1``, which must be set before Triton is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+from lightning_lorafa import LoraFALinear
+from lightning_lorafa.dropout import RecomputedDropout
+from lightning_lorafa.kernels import draw_seed, dropout_mul, uses_triton
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results: dict[str, object] = {"uses_triton": uses_triton(torch.ones(1))}
+    ones = torch.ones(3, 70, 101)  # 21,210 elements: 21 blocks, the last one partly masked
+    seed = torch.tensor(2**40 + 17)
+    scale = dropout_mul(ones, seed, 0.25)
+    results["values"] = sorted(scale.unique().tolist())
+    results["dropped"] = (scale == 0).double().mean().item()
+    results["same_seed_same_mask"] = torch.equal(scale, dropout_mul(ones, seed, 0.25))
+    results["other_seed_other_mask"] = not torch.equal(scale, dropout_mul(ones, seed + 1, 0.25))
+    half = dropout_mul(ones.bfloat16(), seed, 0.25)
+    results["bf16_same_mask"] = half.dtype == torch.bfloat16 and torch.equal(half == 0, scale == 0)
+    x = torch.randn(3, 70, 101)
+    results["scales_x"] = torch.equal(dropout_mul(x, seed, 0.25), x * scale)
+    results["strided_input"] = torch.equal(dropout_mul(ones.transpose(0, 2), seed, 0.25), scale.view(101, 70, 3))
+
+    # Forward and backward of the LoRA-FA layer rebuild one mask: equal to a reference that stores it.
+    torch.manual_seed(0)
+    layer = LoraFALinear(nn.Linear(48, 40), r=4, alpha=8, dropout=0.5).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 48, requires_grad=True)
+    torch.manual_seed(7)
+    out = layer(x)
+    out.square().sum().backward()
+    torch.manual_seed(7)
+    mask = dropout_mul(torch.ones_like(x), draw_seed(x.device), 0.5)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = layer.base(x_ref) + layer.scaling * ((x_ref * mask) @ layer.lora_A.t()) @ layer.lora_B.t()
+    ref.square().sum().backward()
+    results["layer_forward_equal"] = torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    results["layer_grad_x_equal"] = torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    results["mask_live"] = 0 < int(torch.count_nonzero(mask)) < mask.numel()
+
+    # Model dropout: gradient zeros exactly where the forward dropped.
+    y = torch.randn(5, 300, requires_grad=True)
+    dropped = RecomputedDropout(0.3).train()(y)
+    (grad,) = torch.autograd.grad(dropped, y, torch.ones_like(dropped))
+    results["dropout_grad_mask_equal"] = torch.equal(grad == 0, dropped == 0)
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
