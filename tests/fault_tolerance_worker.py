@@ -1,8 +1,9 @@
 """One training process for tests/test_fault_tolerance.py: ``python tests/fault_tolerance_worker.py MODE OUT_DIR``.
 
-Trains a tiny RoBERTa with LoRA-FA for 8 steps (one epoch of 8 batches), checkpointing every 2 steps
-and ``last.ckpt`` through ``AtomicCheckpointIO``. MODE ``straight`` runs through; ``kill`` SIGKILLs itself
-while writing the step-6 checkpoint (mid-epoch, mid-write); ``resume`` continues from ``ckpt_path="last"``.
+Trains a tiny RoBERTa with LoRA-FA and dropout for 8 steps (one shuffled epoch of 8 batches from a
+``StatefulDataLoader``), checkpointing every 2 steps and ``last.ckpt`` through ``AtomicCheckpointIO``.
+MODE ``straight`` runs through; ``kill`` SIGKILLs itself while writing the step-6 checkpoint (mid-epoch,
+mid-write); ``resume`` continues from ``ckpt_path="last"``.
 Writes ``OUT_DIR/MODE.pt``: the batches trained on (global step, batch index, first token ids) and B.
 """
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, tiny_roberta  # noqa: E402
 
 from lightning_lorafa import AtomicCheckpointIO, LoraFA  # noqa: E402
+from lightning_lorafa.tasks.common import stateful_loader  # noqa: E402
 
 KILL_AT_STEP = 6
 
@@ -55,9 +57,10 @@ class Classifier(pl.LightningModule):
 
 
 def data() -> DataLoader:
+    """16 samples in 8 shuffled batches of 2, from the loader the task data modules use (a StatefulDataLoader)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(3, VOCAB, (16, 8), generator=generator)
-    return DataLoader(TensorDataset(x, x[:, 0] % 2), batch_size=2)
+    return stateful_loader(TensorDataset(x, x[:, 0] % 2), batch_size=2, shuffle=True, seed=0)
 
 
 def main(mode: str, out: Path) -> None:

@@ -1,4 +1,4 @@
-"""A run killed (SIGKILL) mid-epoch while writing a checkpoint resumes from its last complete checkpoint.
+"""A run killed (SIGKILL) mid-epoch while writing a checkpoint resumes from its last complete checkpoint, exactly.
 
 Runs tests/fault_tolerance_worker.py three times as separate processes (about 8 s each): straight through,
 killed at step 6 while writing that checkpoint, and resumed with ``ckpt_path="last"``.
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lightning_lorafa import AtomicCheckpointIO
+from lightning_lorafa.tasks.common import stateful_loader
 
 WORKER = Path(__file__).parent / "fault_tolerance_worker.py"
 
@@ -43,15 +44,36 @@ def test_killed_mid_epoch_run_resumes_from_last_complete_checkpoint(tmp_path):
     assert last["state_dict"].keys() == reference.keys()
     assert all(torch.equal(last["state_dict"][k], reference[k]) for k in reference)  # nothing lost before the kill
 
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_num_yielded"] == 4  # the data position
+
     resumed = run("resume", tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result, full = load(tmp_path / "resume.pt"), load(tmp_path / "straight.pt")
     assert result["global_step"] == 8
-    # Lightning restarts a plain DataLoader at the start of the interrupted epoch while counting on from step 4:
-    # steps 4-7 see the epoch's first four batches, so the result is not the uninterrupted run's.
-    assert [step for step, _, _ in result["seen"]] == [4, 5, 6, 7]
-    assert [ids for _, _, ids in result["seen"]] == [ids for _, _, ids in full["seen"][:4]]
+    # The StatefulDataLoader continues the interrupted epoch: steps 4-7 see its batches 4-7 (shuffled, as before the
+    # kill), and with the dropout RNG restored too the run ends exactly where the uninterrupted one did.
+    assert [(step, idx) for step, idx, _ in full["seen"]] == [(i, i) for i in range(8)]
+    assert result["seen"] == full["seen"][4:]
     assert result["B"].keys() == full["B"].keys() and len(full["B"]) == 12
+    assert all(torch.equal(result["B"][key], full["B"][key]) for key in full["B"])
+    assert not any(torch.equal(last["state_dict"][key], full["B"][key]) for key in full["B"])  # steps 5-8 trained
+
+
+def test_task_loader_continues_mid_epoch_and_leaves_the_global_rng_alone():
+    dataset = list(range(10))
+    loader = stateful_loader(dataset, batch_size=2, shuffle=True, seed=3)
+    batches = iter(loader)
+    first = [next(batches).tolist() for _ in range(2)]
+    state = loader.state_dict()
+    rest = [batch.tolist() for batch in batches]
+    assert sorted(sum(first + rest, [])) == dataset and sum(first + rest, []) != dataset  # one shuffled epoch
+
+    rng = torch.get_rng_state()
+    again = stateful_loader(dataset, batch_size=2, shuffle=True, seed=3)
+    again.load_state_dict(state)
+    assert [batch.tolist() for batch in again] == rest
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout masks drawn after a resume stay the same
+    assert [batch.tolist() for batch in again] != first + rest  # the next epoch is shuffled anew
 
 
 class Unpicklable:

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -129,6 +130,31 @@ def carve_validation(splits: DatasetDict, validation_size: int | None, seed: int
     return DatasetDict({**splits, "train": parts["train"], "validation": parts["test"]})
 
 
+def stateful_loader(
+    dataset: Any,
+    batch_size: int,
+    shuffle: bool = False,
+    collate_fn: Callable | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> StatefulDataLoader:
+    """A torchdata ``StatefulDataLoader``: Lightning saves its position in checkpoints and restores it, so a run
+    resumed from a checkpoint written mid-epoch continues with the next batch of the same order.
+
+    Shuffling (and the workers' base seed) draw from the loader's own generator, seeded with ``seed``, never from
+    the global torch RNG: creating the loader on resume then leaves that RNG, which the checkpoint restored and
+    which draws the dropout masks, exactly where the uninterrupted run had it.
+    """
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 class TaskDataModule(L.LightningDataModule):
     """Common options of the task data modules: tokenizer, batch sizes, loaders.
 
@@ -141,8 +167,10 @@ class TaskDataModule(L.LightningDataModule):
         max_length: tokens kept per example.
         max_train_samples: keep only this many training rows (after shuffling with `seed`).
         validation_size: carve a seeded validation split of this many rows from `train`.
-        seed: seed of the validation split and the training subset.
+        seed: seed of the validation split, the training subset and the training order.
         num_workers: data loader worker processes.
+
+    Loaders are ``StatefulDataLoader``s (``stateful_loader``): a run resumed mid-epoch continues exactly.
     """
 
     def __init__(
@@ -188,12 +216,13 @@ class TaskDataModule(L.LightningDataModule):
         """Data loader over the tokenized split `split`."""
         if split not in self.datasets:
             raise ValueError(f"the data has no '{split}' split (splits: {sorted(self.datasets)}).")
-        return DataLoader(
+        return stateful_loader(
             self.datasets[split],
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             shuffle=shuffle,
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            seed=self.seed,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -20,6 +20,7 @@ from lightning_lorafa.tasks.common import (
     load_pretrained,
     load_splits,
     load_tokenizer,
+    stateful_loader,
 )
 from lightning_lorafa.tasks.mmlu import (
     MMLUAccuracy,
@@ -167,11 +168,12 @@ class InstructionDataModule(TaskDataModule):
 
     def mmlu_loader(self) -> DataLoader:
         """Batches of right-padded MMLU prompts with their `answer` and `subject` index."""
-        return DataLoader(
+        return stateful_loader(
             self.datasets["mmlu"],
             batch_size=self.eval_batch_size,
             collate_fn=self.mmlu_collate,
             num_workers=self.num_workers,
+            seed=self.seed,
         )
 
     def val_dataloader(self) -> DataLoader:
