@@ -15,11 +15,13 @@ sequence and rank (Table 5). Writes ``benchmarks/results/<machine>-<date>.md`` a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
 import platform
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from lightning_lorafa import apply_lorafa, create_lorafa_optimizer
+from lightning_lorafa import apply_lorafa, apply_recompute, create_lorafa_optimizer
 from lightning_lorafa.attention import set_attention_implementation
 from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.memory import measure_saved_activations, measure_step
@@ -47,6 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("Full-FT", "LoRA", "LoRA (A frozen)", "LoRA-FA (ours)", "ours, masks kept")
 OURS = METHODS.index("LoRA-FA (ours)")
+RECOMPUTE_PREFIX = "ours, recompute="  # extra methods: ours with LoraFA(recompute=...), from --recompute
 ROBERTA_TARGETS = ["query", "key", "value", "dense"]
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -126,11 +129,13 @@ def prepare(
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Set ``model`` up for ``method``; return it and its optimizer."""
     model.set_attn_implementation(attn)
-    if method in ("LoRA-FA (ours)", "ours, masks kept"):
+    if method == "LoRA-FA (ours)" or method.startswith("ours, "):
         apply_lorafa(model, r=r, alpha=2 * r, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
         set_attention_implementation(model, attn)
-        if method == "LoRA-FA (ours)":  # "masks kept" = LoraFA(recompute_dropout=False): the model's own
+        if method != "ours, masks kept":  # "masks kept" = LoraFA(recompute_dropout=False): the model's own
             replace_dropout(model)  # dropouts keep their masks; the LoRA-FA layers still keep a seed
+        if method.startswith(RECOMPUTE_PREFIX):  # "ours, recompute=mlp" = LoraFA(recompute="mlp")
+            apply_recompute(model, method.removeprefix(RECOMPUTE_PREFIX))
         return model, create_lorafa_optimizer(model, lr=1e-4)
     if method != "Full-FT":
         config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets)
@@ -171,6 +176,19 @@ class Result:
     by_op: dict[str, int] | None = None
 
 
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Create tensors on ``device`` (on CUDA: in bfloat16) while the context is open."""
+    dtype = torch.get_default_dtype()
+    if device.type == "cuda":
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 def run_one(
     name: str,
     method: str,
@@ -185,9 +203,8 @@ def run_one(
 ) -> Result:
     """Build, set up and measure one (model, method) pair."""
     spec = SPECS[name]
-    model, targets, to_save = build_model(spec, layers, dropout)
-    if device.type == "cuda":
-        model = model.to(device=device, dtype=torch.bfloat16)
+    with on_device(device):  # CUDA: bf16 weights made on the GPU, no fp32 copy on the host (LLaMA-7B: 27 GB)
+        model, targets, to_save = build_model(spec, layers, dropout)
     model, optimizer = prepare(method, model, targets, to_save, spec.rank, lora_dropout, attn)
     model.train()
     inputs = make_batch(spec, model, batch, seq, device)
@@ -266,6 +283,37 @@ def tables(results: list[Result], cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def recompute_table(results: list[Result], cuda: bool) -> str:
+    """Ours with each recompute setting: memory, its ratio to PEFT LoRA, and the step-time cost over ours."""
+    settings = list(dict.fromkeys(r.method for r in results if r.method.startswith(RECOMPUTE_PREFIX)))
+    get = {(r.model, r.method): r for r in results}
+    memory = (lambda r: r.peak_bytes and r.peak_bytes / 1e9) if cuda else (lambda r: r.activation_bytes / 2**20)
+    unit = "peak GB" if cuda else "saved-activation MiB"
+    names = ["ours"] + [m.removeprefix("ours, ") for m in settings]
+    lines = [f"### Selective recomputation: {unit}, step ms", ""]
+    lines.append(
+        "| model | LoRA | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{n}/LoRA" for n in names)
+        + " | "
+        + " | ".join(f"{n} ms" for n in names)
+        + " | "
+        + " | ".join(f"{n} time/ours" for n in names[1:])
+        + " |"
+    )
+    lines.append("|---|" + "---:|" * (1 + 3 * len(names) + len(settings)))
+    for m in dict.fromkeys(r.model for r in results):
+        rows = [get[(m, method)] for method in (METHODS[OURS], *settings)]
+        lora = memory(get[(m, "LoRA")])
+        mems = [memory(r) for r in rows]
+        cells = [_fmt(lora)] + [_fmt(v) for v in mems] + [_ratio(v, lora) for v in mems]
+        cells += ["OOM" if r.seconds is None else f"{r.seconds * 1e3:.0f}" for r in rows]
+        cells += [_ratio(r.seconds, rows[0].seconds) for r in rows[1:]]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def op_table(results: list[Result], model: str) -> str:
     """Saved-activation MiB by op for each method on ``model`` (CPU mode)."""
     rows = [r for r in results if r.model == model and r.by_op is not None]
@@ -314,6 +362,7 @@ def main(
     lora_dropout: float = 0.1,
     attn: str = "sdpa",
     repeats: int = 3,
+    recompute: list[str] | None = None,
     output_dir: str = "benchmarks/results",
 ) -> None:
     """Run every method on every model; print and write the tables and the chart.
@@ -328,6 +377,8 @@ def main(
         attn: attention implementation of every method ("sdpa" or "eager"); ours then switches its dropout to
             the seed-kept kernel with ``replace_dropout``.
         repeats: timed training steps per method (after one warm-up step); the median is reported.
+        recompute: ``LoraFA(recompute=...)`` settings to measure ours with, e.g. ``["none", "mlp", "block"]``; each
+            setting but "none" adds a method "ours, recompute=<setting>" and a table of its memory and step time.
         output_dir: where the markdown and PNG results go.
     """
     dev = torch.device(device)
@@ -341,6 +392,10 @@ def main(
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {list(SPECS)}.")
     torch.set_num_threads(os.cpu_count() or 1)
+    bad = sorted(set(recompute or []) - {"none", "mlp", "block"})
+    if bad:
+        raise SystemExit(f"--recompute takes settings from none, mlp, block; got {bad}.")
+    extra = tuple(RECOMPUTE_PREFIX + setting for setting in dict.fromkeys(recompute or []) if setting != "none")
     results = []
     for name in names:
         spec = SPECS[name]
@@ -349,7 +404,7 @@ def main(
         else:
             layers = spec.layers if name == "roberta-tiny" else min(cpu_layers, spec.layers)
         batch, seq = (spec.batch, spec.seq) if cuda else (spec.cpu_batch, spec.cpu_seq)
-        for method in METHODS:
+        for method in METHODS + extra:
             result = run_one(name, method, dev, layers, batch, seq, dropout, lora_dropout, attn, repeats)
             print(f"{name:14s} {method:16s} {result.seconds}", flush=True)
             results.append(result)
@@ -375,6 +430,8 @@ def main(
         "",
         tables(results, cuda),
     ]
+    if extra:
+        header += ["", recompute_table(results, cuda)]
     if not cuda:
         check = [r for r in results if r.model == "roberta-tiny"]
         if check:

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 from torch.utils.checkpoint import checkpoint
 
 from lightning_lorafa.layer import LoraFALinear
@@ -96,9 +97,22 @@ def _recomputed(module: nn.Module, method: str):
         original = getattr(type(self), method)
         if not torch.is_grad_enabled():
             return original(self, *args, **kwargs)
-        return checkpoint(original, self, *args, use_reentrant=False, **kwargs)
+        return checkpoint_mlp(original, self, *args, **kwargs)
 
     return types.MethodType(recomputed, module)
+
+
+def checkpoint_mlp(function, module: nn.Module, *args, **kwargs):
+    """``function(module, *args, **kwargs)`` under non-reentrant ``torch.utils.checkpoint``: keeps the tensors
+    in ``args`` (the MLP input, (..., d)) and recomputes everything else in backward, with the RNG state restored.
+
+    Dispatched like a torch function, so ``SavedActivationRecorder`` reports the inputs it keeps as
+    ``checkpoint_mlp``.
+    """
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+    if has_torch_function(tensors):
+        return handle_torch_function(checkpoint_mlp, tensors, function, module, *args, **kwargs)
+    return checkpoint(function, module, *args, use_reentrant=False, **kwargs)
 
 
 def _is_recomputed(module: nn.Module) -> bool:

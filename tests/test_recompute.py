@@ -119,6 +119,7 @@ def test_mlp_recompute_saves_exactly_the_inner_activations():
     per_layer = (N * d_ff + N * d + 2 * N + 2 * N * R - N * d) * FP32 + 3 * seed  # 2 branches, 1 dropout
     assert none - mlp == layers * per_layer == 18944 + 6 * seed
     assert "gelu" in ops and "gelu" not in ops_mlp
+    assert ops_mlp["checkpoint_mlp"] == layers * N * d * FP32  # each MLP input, kept once
     assert ops["layer_norm"] - ops_mlp["layer_norm"] == layers * (N * d + 2 * N) * FP32
 
     # LLaMA (d 32, d_ff 64, 2 layers): gate output (SiLU input), SiLU output and up output (N, d_ff) each;
@@ -127,6 +128,7 @@ def test_mlp_recompute_saves_exactly_the_inner_activations():
     mlp, ops_mlp = saved_bytes("llama", "mlp")
     assert none - mlp == layers * ((3 * N * d_ff + 3 * N * R - N * d) * FP32 + 3 * seed) == 44032 + 6 * seed
     assert "silu" in ops and "silu" not in ops_mlp
+    assert ops_mlp["checkpoint_mlp"] == layers * N * d * FP32
 
     # T5 (d 32, d_ff 64, 2 encoder + 2 decoder blocks; ReLU): ReLU output (N, d_ff); h of wi and wo (N, r).
     none, ops = saved_bytes("t5", "none")
