@@ -322,3 +322,31 @@ def two_process_worker(out: Path) -> None:
 
 if __name__ == "__main__":
     two_process_worker(Path(sys.argv[1]))
+
+
+def test_4bit_base_with_mlp_recompute_trains_the_same_and_keeps_less(tmp_path):
+    """NF4 frozen base (bitsandbytes; CPU here, CUDA where present): recomputing the MLP runs its 4-bit
+    matmuls again in backward; loss and B gradients are those without it, and the saved bytes drop by the
+    MLP's three (N, d_ff) tensors in the compute dtype and the MLP branches' bytes, less the MLP inputs."""
+    pytest.importorskip("bitsandbytes")
+    from lightning_lorafa.quantization import load_quantized_model, quantization_device
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    device = quantization_device("nf4")
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in lm_batch().items()}
+    results = {}
+    for recompute in ("none", "mlp"):
+        model = load_quantized_model(str(tmp_path / "llama"), "nf4").train()
+        apply_lorafa(model, r=R, alpha=2 * R, dropout=0.1)
+        randomize_lora_B(model)
+        apply_recompute(model, recompute)
+        report = measure_saved_activations(lambda m=model: m(**batch).loss, module=model)
+        results[recompute] = (report.total_bytes, report.by_op, *loss_and_B_grads(model, batch))
+    (none, ops, loss, grads), (mlp, ops_mlp, loss_r, grads_r) = results["none"], results["mlp"]
+    assert torch.equal(loss, loss_r)
+    assert len(grads) == 14 and all(torch.equal(grads_r[n], g) and g.abs().sum() > 0 for n, g in grads.items())
+    size, d, d_ff, layers = model.dtype.itemsize, 32, 64, 2  # bf16 activations
+    branches = ops["add_lora_fa_branch"] - ops_mlp["add_lora_fa_branch"]
+    assert ops_mlp["checkpoint_mlp"] == layers * N * d * size and "silu" not in ops_mlp
+    assert none - mlp == layers * (3 * N * d_ff - N * d) * size + branches
+    assert branches > 0
