@@ -64,9 +64,13 @@ def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
     if generator is None:
         generator = _generators.setdefault(device, torch.Generator(device=device))
     generator.manual_seed(seed)
-    numel = shape.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), generator=generator, device=device)
-    bits = words.view(torch.int16)[:numel].view(shape)  # uniform over [-2**15, 2**15)
+    if shape and shape[-1] % 4 == 0:  # the usual case: four 16-bit slices of each word fill the last dimension
+        words = torch.randint(-(2**63), 2**63 - 1, (*shape[:-1], shape[-1] // 4), generator=generator, device=device)
+        bits = words.view(torch.int16)  # (*shape), uniform over [-2**15, 2**15)
+    else:
+        numel = shape.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), generator=generator, device=device)
+        bits = words.view(torch.int16)[:numel].view(shape)
     return bits >= dropped_levels(p) - LEVELS // 2
 
 
