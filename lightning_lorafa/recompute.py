@@ -46,10 +46,16 @@ def _has_linears(module: nn.Module, *names: str) -> bool:
     return all(_is_linear(getattr(module, name, None)) for name in names)
 
 
+def _is_gated(module: nn.Module) -> bool:
+    """A gated MLP ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (LLaMA, Mistral, Qwen2, Gemma)."""
+    return _has_linears(module, "gate_proj", "up_proj", "down_proj") and callable(getattr(module, "act_fn", None))
+
+
 def _mlp_method(module: nn.Module) -> str | None:
     """The method of ``module`` that computes a whole MLP from its input, if ``module`` is one (by structure).
 
-    - gated MLP (LLaMA, Mistral, Qwen2, ...): ``gate_proj``, ``up_proj``, ``down_proj`` -> ``forward``;
+    - gated MLP (LLaMA, Mistral, Qwen2, ...): ``gate_proj``, ``up_proj``, ``down_proj`` -> ``forward``
+      (with ``act_fn``, only the product before ``down_proj`` is recomputed: see ``_recomputed_gated``);
     - T5 ``DenseReluDense``: ``wi``, ``wo`` or ``wi_0``, ``wi_1``, ``wo`` -> ``forward``;
     - BERT/RoBERTa layer: ``intermediate.dense`` (d -> d_ff, with the activation) and ``output.dense``
       (d_ff -> d, dropout, residual LayerNorm), both called by ``feed_forward_chunk`` -> ``feed_forward_chunk``.
@@ -85,12 +91,36 @@ def find_mlps(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return found
 
 
+def _gated_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act_fn(gate_proj(x)) * up_proj(x)``: (..., d) -> (..., d_ff), a gated MLP up to its output projection."""
+    return module.act_fn(module.gate_proj(x)) * module.up_proj(x)
+
+
+def _recomputed_gated(module: nn.Module):
+    """A gated MLP's ``forward`` that recomputes ``act_fn(gate_proj(x)) * up_proj(x)`` in backward.
+
+    ``down_proj`` stays outside the checkpoint: with its weight frozen it keeps only its LoRA-FA ``h``, never
+    its (..., d_ff) input, so recomputing it would buy nothing; backward runs gate and up once more, not down.
+    """
+
+    @functools.wraps(type(module).forward)
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return type(self).forward(self, x)
+        return self.down_proj(checkpoint_mlp(_gated_product, self, x))
+
+    return types.MethodType(forward, module)
+
+
 def _recomputed(module: nn.Module, method: str):
-    """A replacement for ``module.<method>`` that checkpoints the class's ``method`` when gradients are on.
+    """A replacement for ``module.<method>`` that checkpoints the class's ``method`` when gradients are on
+    (for a gated MLP, ``_recomputed_gated``).
 
     It carries the original's signature (``functools.wraps``): transformers' ``apply_chunking_to_forward``
     counts the parameters of ``feed_forward_chunk``.
     """
+    if method == "forward" and _is_gated(module):
+        return _recomputed_gated(module)
 
     @functools.wraps(getattr(type(module), method))
     def recomputed(self: nn.Module, *args, **kwargs):
@@ -123,8 +153,10 @@ def recompute_mlps(model: nn.Module) -> list[str]:
     """Recompute each MLP of ``model`` from its input in backward; return the dotted names of the regions.
 
     Each region keeps its input (tokens, d) through the checkpoint and nothing inside: no activation input,
-    no LoRA-FA ``h``, no LayerNorm input (BERT/RoBERTa's output LayerNorm is part of the region). The module's
-    parameters and state-dict keys are unchanged. Applying it twice changes nothing more.
+    no LoRA-FA ``h``, no LayerNorm input. Regions: a gated MLP up to ``down_proj`` (which keeps only its ``h``);
+    T5's ``DenseReluDense`` whole; a BERT/RoBERTa layer's ``intermediate`` and ``output`` (dense, dropout and the
+    residual LayerNorm). The module's parameters and state-dict keys are unchanged. Applying it twice changes
+    nothing more.
 
     Raises:
         ValueError: no MLP is recognised in ``model``, or its blocks already use activation checkpointing.
