@@ -83,6 +83,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.lora_layers: dict[nn.Parameter, LoraFALinear] = dict(lora_layers or {})
+        self._stacked_corrections: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -93,12 +94,13 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             params, grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], [], []
+            to_correct = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 layer = self.lora_layers.get(p)
                 if group["gradient_correction"] and layer is not None and not layer.correct_in_backward:
-                    correct_gradient(layer, p.grad)
+                    to_correct.append((layer, p.grad))
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -114,6 +116,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 step_sizes.append(-step_size)
+            self._correct(to_correct)
             if not params:
                 continue
             torch._foreach_mul_(exp_avgs, beta1)
@@ -126,6 +129,32 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             if group["weight_decay"] > 0.0:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
         return loss
+
+    def _correct(self, layers_and_grads: list[tuple[LoraFALinear, torch.Tensor]]) -> None:
+        """Correct B's gradients in place, batched: gradients of one local shape, dtype and device are stacked
+        (k, d_out, r) and multiplied by their stacked corrections (k, r, r) in one ``bmm``."""
+        batches: dict[tuple, list[tuple[LoraFALinear, torch.Tensor]]] = {}
+        for layer, grad in layers_and_grads:
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            batches.setdefault((local.shape, local.dtype, local.device), []).append((layer, local))
+        for (_, dtype, device), batch in batches.items():
+            locals_ = [local for _, local in batch]
+            if len(batch) == 1:
+                local = locals_[0]
+                local.copy_((local.float() @ correction_matrix(batch[0][0]).to(device)).to(dtype))
+                continue
+            matrices = [correction_matrix(layer) for layer, _ in batch]
+            layers = tuple(id(layer) for layer, _ in batch)
+            versions = tuple(layer._correction_cache[0] for layer, _ in batch)  # A's device, version, storage
+            cached = self._stacked_corrections.get(layers)
+            if cached is None or cached[0] != versions:
+                cached = self._stacked_corrections[layers] = (versions, torch.stack(matrices).to(device))  # (k, r, r)
+            corrected = torch.bmm(torch.stack(locals_).float(), cached[1])  # (k, d_out, r)
+            torch._foreach_copy_(locals_, list(corrected.unbind(0)))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_stacked_corrections", {})
 
 
 def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFALinear]:

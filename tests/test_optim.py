@@ -160,3 +160,29 @@ def test_optimizer_on_model_without_adapters_is_rejected():
 def test_bad_hyper_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraFAOptimizer([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_batched_correction_equals_per_layer_correction_and_follows_a_changed_A():
+    """Gradients of equal shape are corrected in one bmm; the result is each layer's own correction."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 6))
+    apply_lorafa(model, r=3, alpha=6)
+    layers = list(lorafa_layers(model).values())
+    for seed, layer in enumerate(layers):
+        uneven_A(layer, seed)
+    optimizer = create_lorafa_optimizer(model, lr=0.0)
+    grads = [
+        torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(i)) for i, layer in enumerate(layers)
+    ]
+    for _ in range(2):  # the second step changes A of one layer: its stacked correction must follow
+        expected = []
+        for layer, grad in zip(layers, grads, strict=True):
+            layer.lora_B.grad = grad.clone()
+            reference = grad.clone()
+            correct_gradient(layer, reference)
+            expected.append(reference)
+        optimizer.step()
+        for layer, reference in zip(layers, expected, strict=True):
+            torch.testing.assert_close(layer.lora_B.grad, reference, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            layers[1].lora_A.mul_(2)
+    assert len(optimizer._stacked_corrections) == 1  # the three 8 x 3 gradients share one stacked correction
