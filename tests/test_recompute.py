@@ -287,43 +287,6 @@ def test_compiled_model_with_mlp_recompute_trains():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_two_processes_ddp_and_fsdp2_train_the_same_with_recompute(tmp_path):
-    """2 CPU processes (gloo): under DDP and FSDP2, recompute='mlp' and 'block' give the B of recompute='none'."""
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for rank in (0, 1):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        for strategy, runs in result.items():
-            assert len([n for n in runs["none"] if n.endswith("lora_B")]) == 12, strategy
-            assert all(v.abs().sum() > 0 for n, v in runs["none"].items() if n.endswith("lora_B")), strategy
-            for recompute in ("mlp", "block"):
-                for name, value in runs["none"].items():
-                    assert torch.equal(runs[recompute][name], value), (strategy, recompute, name)
-
-
-def two_process_worker(out: Path) -> None:
-    """Run by the test above (Lightning starts rank 1 by running this file again)."""
-    result = {}
-    for kind in ("ddp", "fsdp2"):
-        result[kind] = {}
-        for recompute in ("none", "mlp", "block"):
-            strategy = (
-                "ddp" if kind == "ddp" else LoraFAModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-            )
-            root = out / kind / recompute
-            trainer, module = fit(root, recompute, epochs=1, accelerator="cpu", devices=2, strategy=strategy)
-            result[kind][recompute] = {
-                n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                for n, p in module.named_parameters()
-                if p.requires_grad
-            }
-    torch.save(result, out / f"rank{trainer.global_rank}.pt")
-
-
-if __name__ == "__main__":
-    two_process_worker(Path(sys.argv[1]))
-
-
 def test_4bit_base_with_mlp_recompute_trains_the_same_and_keeps_less(tmp_path):
     """NF4 frozen base (bitsandbytes; CPU here, CUDA where present): recomputing the MLP runs its 4-bit
     matmuls again in backward; loss and B gradients are those without it, and the saved bytes drop by the
@@ -350,3 +313,75 @@ def test_4bit_base_with_mlp_recompute_trains_the_same_and_keeps_less(tmp_path):
     assert ops_mlp["checkpoint_mlp"] == layers * N * d * size and "silu" not in ops_mlp
     assert none - mlp == layers * (3 * N * d_ff - N * d) * size + branches
     assert branches > 0
+
+
+def test_two_processes_ddp_fsdp2_and_fsdp1_train_the_same_with_recompute(tmp_path):
+    """2 CPU processes (gloo): under DDP, FSDP2 (Lightning) and FSDP1 (torch's, one unit per layer, B corrected
+    in backward), recompute='mlp' and 'block' give the B of recompute='none'."""
+    done = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert set(result) == {"ddp", "fsdp2", "fsdp1"}
+        for strategy, runs in result.items():
+            assert len([n for n in runs["none"] if n.endswith("lora_B")]) == 12, strategy
+            assert all(v.abs().sum() > 0 for n, v in runs["none"].items() if n.endswith("lora_B")), strategy
+            for recompute in ("mlp", "block"):
+                for name, value in runs["none"].items():
+                    assert torch.equal(runs[recompute][name], value), (strategy, recompute, name)
+
+
+def two_process_worker(out: Path) -> None:
+    """Run by the test above (Lightning starts rank 1 by running this file again)."""
+    result = {}
+    for kind in ("ddp", "fsdp2"):
+        result[kind] = {}
+        for recompute in ("none", "mlp", "block"):
+            strategy = (
+                "ddp" if kind == "ddp" else LoraFAModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+            )
+            root = out / kind / recompute
+            trainer, module = fit(root, recompute, epochs=1, accelerator="cpu", devices=2, strategy=strategy)
+            result[kind][recompute] = {
+                n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in module.named_parameters()
+                if p.requires_grad
+            }
+    result["fsdp1"] = {recompute: fsdp1_trained(recompute) for recompute in ("none", "mlp", "block")}
+    torch.save(result, out / f"rank{trainer.global_rank}.pt")
+
+
+def fsdp1_trained(recompute: str) -> dict[str, torch.Tensor]:
+    """Torch's FSDP1 (one unit per RoBERTa layer, original parameters, B corrected in backward as under
+    ``strategy="fsdp"``) on the process group the fits above leave: 4 steps on this rank's half of each batch."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
+
+    from lightning_lorafa.distributed import prepare_for_strategy
+
+    torch.manual_seed(0)
+    model = tiny_roberta(dropout=0.1).train()
+    apply_lorafa(model, r=R, alpha=8, dropout=0.1, modules_to_save=["classifier"])
+    replace_dropout(model)
+    apply_recompute(model, recompute)
+    prepare_for_strategy(model, FSDPStrategy(use_orig_params=True))
+    sharded = FullyShardedDataParallel(
+        model, auto_wrap_policy=ModuleWrapPolicy({RobertaLayer}), device_id=torch.device("cpu"), use_orig_params=True
+    )
+    optimizer = create_lorafa_optimizer(sharded, lr=1e-2)
+    rank = torch.distributed.get_rank()
+    for input_ids, labels in data():
+        sharded(input_ids=input_ids[rank::2], labels=labels[rank::2]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with FullyShardedDataParallel.summon_full_params(sharded):
+        return {
+            n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+            for n, p in sharded.named_parameters()
+            if p.requires_grad
+        }
+
+
+if __name__ == "__main__":
+    two_process_worker(Path(sys.argv[1]))
