@@ -308,7 +308,7 @@ def recompute_table(results: list[Result], cuda: bool) -> str:
         lora = memory(get[(m, "LoRA")])
         mems = [memory(r) for r in rows]
         cells = [_fmt(lora)] + [_fmt(v) for v in mems] + [_ratio(v, lora) for v in mems]
-        cells += ["OOM" if r.seconds is None else f"{r.seconds * 1e3:.0f}" for r in rows]
+        cells += [("OOM" if cuda else "-") if r.seconds is None else f"{r.seconds * 1e3:.0f}" for r in rows]
         cells += [_ratio(r.seconds, rows[0].seconds) for r in rows[1:]]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
