@@ -21,8 +21,10 @@ import gc
 import os
 import platform
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -101,7 +103,7 @@ def build_model(spec: Spec, layers: int, dropout: float) -> tuple[nn.Module, lis
         return RobertaForSequenceClassification(config), ROBERTA_TARGETS, ["classifier"]
     if spec.family == "t5":
         config = T5Config(
-            vocab_size=32128,
+            vocab_size=spec.vocab or 32128,
             d_model=spec.width,
             d_kv=spec.width // spec.heads,
             d_ff=spec.ffn,
@@ -113,7 +115,7 @@ def build_model(spec: Spec, layers: int, dropout: float) -> tuple[nn.Module, lis
         )
         return T5ForConditionalGeneration(config), T5_TARGETS, None
     config = LlamaConfig(
-        vocab_size=32000,
+        vocab_size=spec.vocab or 32000,
         hidden_size=spec.width,
         intermediate_size=spec.ffn,
         num_hidden_layers=layers,
@@ -174,6 +176,8 @@ class Result:
     tokens_per_second: float | None
     peak_bytes: int | None
     by_op: dict[str, int] | None = None
+    compile_seconds: float | None = None
+    compiled_seconds: float | None = None
 
 
 @contextlib.contextmanager
@@ -189,6 +193,39 @@ def on_device(device: torch.device) -> Iterator[None]:
         torch.set_default_dtype(dtype)
 
 
+def setup_one(
+    name: str,
+    method: str,
+    device: torch.device,
+    layers: int,
+    dropout: float,
+    lora_dropout: float,
+    attn: str,
+    width: int | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer, Spec]:
+    """Build ``name`` (``width``: shrink hidden size, heads and FFN for the host-overhead mode) set up for
+    ``method``, in training mode; return the model, its optimizer and the (possibly shrunk) spec."""
+    spec = SPECS[name]
+    if width is not None:
+        spec = replace(spec, width=width, heads=max(1, width // 16), ffn=4 * width, rank=min(spec.rank, width // 4))
+        spec = replace(spec, vocab=1000)
+    with on_device(device):  # CUDA: bf16 weights made on the GPU, no fp32 copy on the host (LLaMA-7B: 27 GB)
+        model, targets, to_save = build_model(spec, layers, dropout)
+    model, optimizer = prepare(method, model, targets, to_save, spec.rank, lora_dropout, attn)
+    return model.train(), optimizer, spec
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict) -> Callable[[], None]:
+    """One optimizer step on ``inputs``: zero_grad, forward, backward, step (``model`` may be compiled)."""
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def run_one(
     name: str,
     method: str,
@@ -200,33 +237,78 @@ def run_one(
     lora_dropout: float,
     attn: str,
     repeats: int,
+    compile: bool = False,
 ) -> Result:
-    """Build, set up and measure one (model, method) pair."""
-    spec = SPECS[name]
-    with on_device(device):  # CUDA: bf16 weights made on the GPU, no fp32 copy on the host (LLaMA-7B: 27 GB)
-        model, targets, to_save = build_model(spec, layers, dropout)
-    model, optimizer = prepare(method, model, targets, to_save, spec.rank, lora_dropout, attn)
-    model.train()
+    """Build, set up and measure one (model, method) pair (with ``compile``: also compiled)."""
+    model, optimizer, spec = setup_one(name, method, device, layers, dropout, lora_dropout, attn)
     inputs = make_batch(spec, model, batch, seq, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        optimizer.step()
+    step = training_step(model, optimizer, inputs)
 
     activations = by_op = None
     if device.type == "cpu":
         report = measure_saved_activations(lambda: model(**inputs).loss, module=model)
         activations, by_op = report.total_bytes, report.by_op
-    seconds = tps = peak = None
+    result = Result(name, method, layers, batch, seq, spec.rank, trainable, activations, None, None, None, by_op)
     try:
         if repeats > 0:
-            stats = measure_step(step, tokens=batch * seq, repeats=repeats, warmup=1)
-            seconds, tps, peak = stats.seconds, stats.tokens_per_second, stats.peak_allocated_bytes
+            stats = measure_step(step, tokens=batch * seq, repeats=repeats, warmup=1, device=device)
+            result.seconds, result.tokens_per_second = stats.seconds, stats.tokens_per_second
+            result.peak_bytes = stats.peak_allocated_bytes
+        if compile and repeats > 0:
+            compiled = training_step(torch.compile(model), optimizer, inputs)
+            start = time.perf_counter()
+            compiled()  # the first call compiles
+            _synchronize(device)
+            result.compile_seconds = time.perf_counter() - start
+            stats = measure_step(compiled, tokens=batch * seq, repeats=repeats, warmup=1, device=device)
+            result.compiled_seconds = stats.seconds
     except torch.OutOfMemoryError:
-        seconds = tps = peak = None
-    return Result(name, method, layers, batch, seq, spec.rank, trainable, activations, seconds, tps, peak, by_op)
+        result.seconds = result.tokens_per_second = result.peak_bytes = None
+    return result
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_overhead_table(
+    names: list[str], layers: dict[str, int], width: int, repeats: int, dropout: float, lora_dropout: float, attn: str
+) -> str:
+    """Step time of every method at batch 1 x 8 tokens on narrow models (``width``) of each model's depth.
+
+    With so little arithmetic the step time is the framework's and our own host work per op and layer,
+    which is what bounds a GPU step on small and medium models. Methods are timed interleaved (one step of
+    each in turn, ``repeats`` rounds, after two warm-up rounds), on one thread; the table reports each method's
+    median wall time, and the ratio of ours to PEFT LoRA by wall time and by the thread's CPU time (which
+    other processes on a shared machine disturb less).
+    """
+    device = torch.device("cpu")
+    heads = "| model | layers | width | " + " | ".join(METHODS) + " | ours/LoRA | ours/LoRA, CPU time |"
+    rows = [heads, "|---|---:|---:|" + "---:|" * (len(METHODS) + 2)]
+    for name in names:
+        steps = {}
+        for method in METHODS:
+            model, optimizer, spec = setup_one(name, method, device, layers[name], dropout, lora_dropout, attn, width)
+            steps[method] = training_step(model, optimizer, make_batch(spec, model, 1, 8, device))
+        wall: dict[str, list[float]] = {method: [] for method in METHODS}
+        cpu: dict[str, list[float]] = {method: [] for method in METHODS}
+        for round_ in range(repeats + 2):
+            for method, step in steps.items():
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                step()
+                if round_ >= 2:
+                    wall[method].append(time.perf_counter() - start)
+                    cpu[method].append(time.thread_time() - start_cpu)
+        median = {method: statistics.median(values) for method, values in wall.items()}
+        median_cpu = {method: statistics.median(values) for method, values in cpu.items()}
+        print(f"{name:14s} " + "  ".join(f"{m}: {v * 1e3:.2f} ms" for m, v in median.items()), flush=True)
+        cells = " | ".join(f"{median[m] * 1e3:.2f}" for m in METHODS)
+        ours = METHODS[OURS]
+        ratios = f"{_ratio(median[ours], median['LoRA'])} | {_ratio(median_cpu[ours], median_cpu['LoRA'])}"
+        rows.append(f"| {name} | {layers[name]} | {width} | {cells} | {ratios} |")
+    return "\n".join(rows)
 
 
 def machine_name(device: torch.device) -> str:
@@ -276,6 +358,20 @@ def tables(results: list[Result], cuda: bool) -> str:
         rows = [get[(m, method)] for method in METHODS]
         cells = ["OOM" if r.seconds is None else f"{r.seconds * 1e3:.0f} ({r.tokens_per_second:,.0f})" for r in rows]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {_ratio(rows[OURS].seconds, rows[1].seconds)} |")
+    if any(r.compile_seconds is not None for r in results):
+        lines += ["", "### torch.compile: median compiled step ms (compile s)", ""]
+        lines += [
+            "| model | " + " | ".join(METHODS) + " | ours/LoRA compiled |",
+            "|---|" + "---:|" * (len(METHODS) + 1),
+        ]
+        for m in models:
+            rows = [get[(m, method)] for method in METHODS]
+            cells = [
+                "-" if r.compiled_seconds is None else f"{r.compiled_seconds * 1e3:.0f} ({r.compile_seconds:.0f})"
+                for r in rows
+            ]
+            ratio = _ratio(rows[OURS].compiled_seconds, rows[1].compiled_seconds)
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {ratio} |")
     lines += ["", "### Trainable parameters", ""]
     lines += ["| model | " + " | ".join(METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
     for m in models:
@@ -363,6 +459,9 @@ def main(
     attn: str = "sdpa",
     repeats: int = 3,
     recompute: list[str] | None = None,
+    compile: bool = False,
+    host_overhead: bool = False,
+    host_width: int = 64,
     output_dir: str = "benchmarks/results",
 ) -> None:
     """Run every method on every model; print and write the tables and the chart.
@@ -379,6 +478,12 @@ def main(
         repeats: timed training steps per method (after one warm-up step); the median is reported.
         recompute: ``LoraFA(recompute=...)`` settings to measure ours with, e.g. ``["none", "mlp", "block"]``; each
             setting but "none" adds a method "ours, recompute=<setting>" and a table of its memory and step time.
+        compile: also ``torch.compile`` every method's model and report compile time (its first step) and the
+            median compiled step time.
+        host_overhead: instead, time every method interleaved at batch 1 x 8 tokens on narrow models of each
+            model's depth (LLaMA-7B: 4 layers, or ``cuda_layers``) on CPU: the per-op and per-layer host work
+            that bounds a GPU step on small and medium models. Default models: the GPU table's.
+        host_width: hidden size of the narrow models of ``host_overhead`` (heads = width / 16, FFN = 4 x width).
         output_dir: where the markdown and PNG results go.
     """
     dev = torch.device(device)
@@ -392,6 +497,21 @@ def main(
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {list(SPECS)}.")
     torch.set_num_threads(os.cpu_count() or 1)
+    machine, date = machine_name(dev), datetime.date.today().isoformat()
+    if host_overhead:
+        names = models or ["roberta-base", "roberta-large", "t5-base", "llama-7b"]
+        depth = {n: min(cuda_layers or (4 if n == "llama-7b" else SPECS[n].layers), SPECS[n].layers) for n in names}
+        torch.set_num_threads(1)
+        table = host_overhead_table(names, depth, host_width, repeats, dropout, lora_dropout, attn)
+        text = (
+            f"## LoRA-FA host overhead: {machine}\n\n{date}; CPU, fp32, torch {torch.__version__}; batch 1 x 8 tokens; "
+            f"models of the stated depth with hidden size {host_width}, one thread; attention {attn}; "
+            f"model dropout {dropout}, LoRA dropout {lora_dropout}. Median ms of a training step (forward, backward, "
+            f"optimizer step) over {repeats} interleaved rounds after 2 warm-up rounds.\n\n{table}\n"
+        )
+        print(text)
+        _write(text, Path(output_dir), machine, "cpu-host", date)
+        return
     bad = sorted(set(recompute or []) - {"none", "mlp", "block"})
     if bad:
         raise SystemExit(f"--recompute takes settings from none, mlp, block; got {bad}.")
@@ -405,15 +525,13 @@ def main(
             layers = spec.layers if name == "roberta-tiny" else min(cpu_layers, spec.layers)
         batch, seq = (spec.batch, spec.seq) if cuda else (spec.cpu_batch, spec.cpu_seq)
         for method in METHODS + extra:
-            result = run_one(name, method, dev, layers, batch, seq, dropout, lora_dropout, attn, repeats)
+            result = run_one(name, method, dev, layers, batch, seq, dropout, lora_dropout, attn, repeats, compile)
             print(f"{name:14s} {method:16s} {result.seconds}", flush=True)
             results.append(result)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
 
-    machine = machine_name(dev)
-    date = datetime.date.today().isoformat()
     mode = "CUDA, bf16 weights, paper settings" if cuda else "CPU, fp32, layers shrunk (see the layers column)"
     header = [
         f"## LoRA-FA memory and speed: {machine}",
@@ -446,13 +564,19 @@ def main(
             ]
     text = "\n".join(header) + "\n"
     print(text)
-    out = Path(output_dir)
+    stem = _write(text, Path(output_dir), machine, dev.type + ("-compile" if compile else ""), date)
+    bar_chart(results, cuda, stem.with_suffix(".png"), f"{machine}: {mode}")
+    print(f"wrote {stem.with_suffix('.png')}")
+
+
+def _write(text: str, out: Path, machine: str, kind: str, date: str) -> Path:
+    """Write ``text`` to ``out/<machine>-<kind>-<date>.md``; return the path without suffix."""
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
-    stem = out / f"{slug}-{dev.type}-{date}"
+    stem = out / f"{slug}-{kind}-{date}"
     stem.with_suffix(".md").write_text(text)
-    bar_chart(results, cuda, stem.with_suffix(".png"), f"{machine}: {mode}")
-    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
+    print(f"wrote {stem.with_suffix('.md')}")
+    return stem
 
 
 if __name__ == "__main__":
