@@ -5,8 +5,9 @@
 rebuild the mask of forward instead of keeping it. ``seed`` is a 0-d int64 tensor on ``x``'s device
 (drawn with ``draw_seed``), so nothing waits for the device and nothing is read on the host.
 
-- CUDA (and CPU under ``TRITON_INTERPRET=1``): one Triton kernel. Each element takes the top 16 bits of a
-  counter-based Philox draw at (seed, element index) and is kept when they reach ``p * 2**16``.
+- CUDA (and CPU under ``TRITON_INTERPRET=1``): one Triton kernel. Each element takes 16 bits of a
+  counter-based Philox draw at (seed, element index // 8) (one draw gives 128 bits: eight elements) and is
+  kept when they reach ``p * 2**16``.
 - CPU: PyTorch ops, four 16-bit slices of each 64-bit draw of a generator seeded with ``seed``.
 
 Both resolve ``p`` in steps of ``2**-16`` (``effective_p``) and scale kept entries by ``1 / (1 - p_eff)``,
@@ -78,13 +79,22 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["dropped", "scale"])
     def _dropout_mul_kernel(x_ptr, out_ptr, seed_ptr, numel, dropped, scale, BLOCK: tl.constexpr):
-        """out[i] = x[i] * scale if philox(seed, i) >> 16 >= dropped else 0, for a flat contiguous x."""
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        """out[i] = x[i] * scale if bits(i) >= dropped else 0, for a flat contiguous x.
+
+        One Philox call (four 32-bit words) at counter g gives the 16-bit draws of elements 8g .. 8g + 7:
+        element 8g + j takes the high (j even) or low (j odd) half of word j // 2.
+        """
+        groups = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # (G,)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), groups)  # (G,) uint32 each
+        lane = tl.arange(0, 8)[None, :]  # (1, 8)
+        word = tl.where(
+            lane < 4, tl.where(lane < 2, r0[:, None], r1[:, None]), tl.where(lane < 6, r2[:, None], r3[:, None])
+        )
+        bits = tl.where(lane % 2 == 0, word >> 16, word & 0xFFFF)  # (G, 8), uniform over [0, 2**16)
+        offsets = groups[:, None] * 8 + lane  # (G, 8)
         inside = offsets < numel
         x = tl.load(x_ptr + offsets, mask=inside)
-        seed = tl.load(seed_ptr)
-        keep = (tl.randint(seed, offsets) >> 16) >= dropped
-        out = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+        out = tl.where(bits >= dropped, x.to(tl.float32) * scale, 0.0)
         tl.store(out_ptr + offsets, out.to(x.dtype), mask=inside)
 
 
