@@ -51,6 +51,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("Full-FT", "LoRA", "LoRA (A frozen)", "LoRA-FA (ours)", "ours, masks kept")
 OURS = METHODS.index("LoRA-FA (ours)")
+COMPILED_METHODS = ("LoRA", "LoRA-FA (ours)")  # --compile compiles these two (compiling is slow)
 RECOMPUTE_PREFIX = "ours, recompute="  # extra methods: ours with LoraFA(recompute=...), from --recompute
 ROBERTA_TARGETS = ["query", "key", "value", "dense"]
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
@@ -255,7 +256,7 @@ def run_one(
             stats = measure_step(step, tokens=batch * seq, repeats=repeats, warmup=1, device=device)
             result.seconds, result.tokens_per_second = stats.seconds, stats.tokens_per_second
             result.peak_bytes = stats.peak_allocated_bytes
-        if compile and repeats > 0:
+        if compile and repeats > 0 and method in COMPILED_METHODS:
             compiled = training_step(torch.compile(model), optimizer, inputs)
             start = time.perf_counter()
             compiled()  # the first call compiles
@@ -478,8 +479,8 @@ def main(
         repeats: timed training steps per method (after one warm-up step); the median is reported.
         recompute: ``LoraFA(recompute=...)`` settings to measure ours with, e.g. ``["none", "mlp", "block"]``; each
             setting but "none" adds a method "ours, recompute=<setting>" and a table of its memory and step time.
-        compile: also ``torch.compile`` every method's model and report compile time (its first step) and the
-            median compiled step time.
+        compile: also ``torch.compile`` the models of PEFT LoRA and ours, and report compile time (the first
+            compiled step) and the median compiled step time.
         host_overhead: instead, time every method interleaved at batch 1 x 8 tokens on narrow models of each
             model's depth (LLaMA-7B: 4 layers, or ``cuda_layers``) on CPU: the per-op and per-layer host work
             that bounds a GPU step on small and medium models. Default models: the GPU table's.
