@@ -23,8 +23,10 @@ from lightning_lorafa.distributed import (
 )
 from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.init import check_init_a
+from lightning_lorafa.layer import is_quantized
 from lightning_lorafa.memory import SavedActivationRecorder
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
+from lightning_lorafa.quantization import keep_no_quantized_inputs
 from lightning_lorafa.recompute import Recompute, apply_recompute, check_recompute, check_recompute_strategy
 
 #: Learning rate used when ``configure_optimizers`` returns None and ``LoraFA(lr=...)`` is not given.
@@ -172,6 +174,8 @@ class LoraFA(pl.Callback):
             check_not_sharded(model)
             names = apply_lorafa(model, **self.lora_kwargs)
             self._log_conversion(pl_module, model, names)
+            if any(is_quantized(module) for module in model.modules()):
+                keep_no_quantized_inputs(model)  # bitsandbytes' int8 matmul would keep each layer's input x
             if self.attn_implementation is not None:
                 chosen = set_attention_implementation(
                     model, self.attn_implementation, pl_module.trainer.strategy.root_device

@@ -14,8 +14,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_lorafa.checkpoint import atomic_write, get_lorafa_config
-from lightning_lorafa.convert import lorafa_layers
+from lightning_lorafa.checkpoint import atomic_write
+from lightning_lorafa.convert import get_lorafa_config, lorafa_layers
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"

@@ -188,3 +188,42 @@ def test_adapter_trained_over_4bit_base_loads_into_the_full_precision_base(llama
         base = tiny_llama()(input_ids=ids).logits
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter changes the output
+
+
+def test_callback_makes_an_int8_base_from_from_pretrained_keep_no_input(llama_path, tmp_path):
+    """A model quantized by from_pretrained itself (not load_quantized_model) is fixed up by the callback."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lorafa import LoraFA
+
+    model = AutoModelForCausalLM.from_pretrained(
+        llama_path, quantization_config=quantization_config("int8"), device_map={"": "cpu"}
+    )
+    int8 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert int8 and not any(getattr(m, "_keeps_no_input", False) for m in int8)
+
+    class Tuned(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self):
+            return None  # LoraFA supplies its optimizer
+
+    ids = token_ids(torch.device("cpu"))
+    trainer = pl.Trainer(
+        max_steps=1,
+        callbacks=[LoraFA(r=R, alpha=8, lr=1e-3)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Tuned(), DataLoader(TensorDataset(ids), batch_size=2))
+    assert all(m._keeps_no_input for m in int8)
