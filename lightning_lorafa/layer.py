@@ -134,6 +134,7 @@ class LoraFALinear(nn.Module):
             init_lora_A(self.lora_A, seed)
         self.merged = False
         self.correct_in_backward = False
+        self._lora_A_cast: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -158,11 +159,26 @@ class LoraFALinear(nn.Module):
         if self.merged:
             return y
         lora_A, lora_B = self.lora_A, self.lora_B
-        if x.dtype != lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # e.g. half inputs to a quantized base
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if lora_A.dtype != dtype:
+                lora_A = self._lora_A_in(dtype)  # what autocast would cast it to, without a cast per forward
+        elif x.dtype != lora_A.dtype:  # e.g. half inputs to a quantized base, whose A and B are float32
+            lora_A, lora_B = self._lora_A_in(x.dtype), lora_B.to(x.dtype)
         if self.correct_in_backward and lora_B.requires_grad:
             lora_B = _CorrectedGradient.apply(lora_B, correction_matrix(self))
         return add_lora_fa_branch(y, x, lora_A, lora_B, self.scaling, self.dropout if self.training else 0.0)
+
+    def _lora_A_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """A (r, d_in) in ``dtype``: cast once and kept while A is unchanged (A is frozen), so forward launches
+        no cast; under ``torch.compile`` a plain cast, which the compiler fuses."""
+        lora_A = self.lora_A
+        if torch.compiler.is_compiling():
+            return lora_A.to(dtype)
+        cached = self._lora_A_cast
+        if cached is None or cached[0] is not lora_A or cached[1] != lora_A._version or cached[2].dtype != dtype:
+            cached = self._lora_A_cast = (lora_A, lora_A._version, lora_A.to(dtype))
+        return cached[2]
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` (d_out, d_in), computed in float32."""

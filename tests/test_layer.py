@@ -203,3 +203,19 @@ def test_init_lora_A_is_device_and_dtype_independent():
     a16 = init_lora_A(torch.empty(4, 12, dtype=torch.bfloat16), seed=9)
     a32 = init_lora_A(torch.empty(4, 12), seed=9)
     assert torch.equal(a16, a32.to(torch.bfloat16))
+
+
+def test_autocast_casts_A_once_while_it_is_unchanged():
+    layer = make_layer()
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer(x)
+        cast = layer._lora_A_cast[2]
+        assert cast.dtype == torch.bfloat16 and torch.equal(cast, layer.lora_A.bfloat16())
+        torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+        assert layer._lora_A_cast[2] is cast  # no new cast for the second forward
+        with torch.no_grad():
+            layer.lora_A.mul_(2)  # e.g. load_state_dict: A changed in place
+        changed = layer(x)
+    assert torch.equal(layer._lora_A_cast[2], layer.lora_A.bfloat16())
+    assert not torch.allclose(changed, first)
