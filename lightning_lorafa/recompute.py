@@ -5,7 +5,8 @@ frozen model's non-linear ops save, and the MLP saves the most: a LLaMA MLP keep
 (gate output, SiLU output, up output), a RoBERTa/T5 MLP its (tokens, d_ff) activation input. Like Megatron-LM's
 selective recomputation (``--recompute-modules mlp``), ``recompute="mlp"`` keeps only the MLP's input (tokens, d)
 and runs the MLP's forward again in backward; its projections are frozen, so the cost is one more forward of
-the MLP. ``recompute="block"`` checkpoints whole transformer blocks (transformers' activation checkpointing).
+the MLP (of a gated MLP only its gate and up projections). ``recompute="block"`` checkpoints whole transformer
+blocks (transformers' activation checkpointing).
 
 Both use ``torch.utils.checkpoint`` without re-entrance, which restores the RNG state before recomputing: the
 seed-keeping dropouts (``RecomputedDropout``, the LoRA-FA branch) draw the same seeds, hence the same masks, so
@@ -173,7 +174,7 @@ def recompute_mlps(model: nn.Module) -> list[str]:
     if checkpointed_blocks(model):
         raise ValueError(
             "recompute='mlp': the model already checkpoints whole blocks (transformers' activation checkpointing), "
-            "which recomputes the MLPs too. Use one of the two: call model.gradient_checkpointing_disable() first, "
+            "which recomputes the MLPs too. Use one of the two: call model.activation_checkpointing_disable() first, "
             "or keep recompute='block'."
         )
     names = []
@@ -196,7 +197,7 @@ def _outermost_pretrained(model: nn.Module) -> dict[str, nn.Module]:
     tops: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, PreTrainedModel) and not any(
-            name == outer or name.startswith(f"{outer}.") or outer == "" for outer in tops
+            outer == "" or name.startswith(f"{outer}.") for outer in tops
         ):
             tops[name] = module
     return tops

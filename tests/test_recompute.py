@@ -157,6 +157,12 @@ def test_mlps_are_found_by_structure():
     assert apply_recompute(tiny_roberta(), "mlp") == [f"roberta.encoder.layer.{i}.feed_forward_chunk" for i in (0, 1)]
 
 
+def test_block_recompute_finds_a_transformers_model_inside_a_container():
+    container = torch.nn.ModuleDict({"lm": tiny_llama()})
+    assert apply_recompute(container, "block") == ["lm.model.layers.0", "lm.model.layers.1"]
+    assert not container["lm"]._require_grads_hooks  # inputs need no gradient without re-entrance
+
+
 def test_state_dict_is_unchanged_and_applying_twice_changes_nothing():
     model = tiny_llama()
     apply_lorafa(model, r=R, alpha=8)
