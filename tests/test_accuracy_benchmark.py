@@ -1,0 +1,78 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy  # noqa: E402
+
+ROWS = [(f"sentence number {i} " + "word " * (i % 7), i % 2) for i in range(40)]
+
+
+def tiny_bert(vocab_size: int) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def test_splits_are_disjoint_seeded_and_sized():
+    splits = accuracy.make_splits(ROWS, None, n_eval=6, n_dev=4, n_train=20, seed=3)
+    assert (len(splits.eval), len(splits.dev), len(splits.train)) == (6, 4, 20)
+    assert len(set(splits.eval) | set(splits.dev) | set(splits.train)) == 30
+    assert accuracy.make_splits(ROWS, None, 6, 4, 20, seed=3) == splits
+    given = accuracy.make_splits(ROWS, ROWS[:2], 6, 4, 20, seed=3)
+    assert given.eval == ROWS[:2] and len(given.dev) == 4
+    with pytest.raises(ValueError, match="Only 30 training rows are left"):
+        accuracy.make_splits(ROWS, None, 6, 4, 31, seed=3)
+
+
+def test_sst2_file_without_its_header_is_refused(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("text\tlabel\nfine\t1\n")
+    with pytest.raises(ValueError, match="header must be 'sentence<TAB>label'"):
+        accuracy.read_sst2(str(path))
+    path.write_text("sentence\tlabel\nfine\t1\n")
+    assert accuracy.read_sst2(str(path)) == [("fine", 1)]
+
+
+def test_micro_batches_give_the_batch_gradient():
+    task = accuracy.SST2(max_length=16)
+    model = tiny_bert(task.tokenizer.vocab_size)
+    rows = ROWS[:12]
+    model(**task.collate(rows)).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    parts = task.micro_batches(rows, 3)
+    assert [len(batch["labels"]) for batch, _ in parts] == [4, 4, 4]
+    assert sum(weight for _, weight in parts) == pytest.approx(1.0)
+    widths = [batch["input_ids"].shape[1] for batch, _ in parts]
+    assert widths == sorted(widths) and widths[0] < task.collate(rows)["input_ids"].shape[1]
+    for batch, weight in parts:
+        (model(**batch).loss * weight).backward()
+    for name, p in model.named_parameters():
+        if name in expected and not name.endswith("key.bias"):  # the key bias's true gradient is zero
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6)
+
+
+def test_ours_uses_the_library_and_unknown_methods_are_named():
+    task = accuracy.SST2(max_length=16)
+    model, optimizer = accuracy.build("ours_orth", tiny_bert(64), task, r=4, lr=1e-3, lora_dropout=0.1)
+    layers = accuracy.lorafa_layers(model)
+    assert len(layers) == 2 * 6 + 1  # query, key, value, 3 dense per layer, and the pooler's dense
+    for layer in layers.values():
+        torch.testing.assert_close(layer.lora_A @ layer.lora_A.t(), torch.eye(4), rtol=0, atol=1e-5)
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == 4 * (
+        2 * (3 * 32 + 32 + 64 + 32) + 32
+    ) + (32 * 2 + 2)
+    with pytest.raises(ValueError, match="Unknown method 'qlora'"):
+        accuracy.method_kind("qlora")
