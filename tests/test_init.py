@@ -81,6 +81,7 @@ def test_orthogonal_adapter_saves_loads_and_exports_to_peft(tmp_path):
     assert json.loads((tmp_path / "adapter" / "lorafa_config.json").read_text())["init_a"] == "orthogonal"
     fresh = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").eval()
     load_adapter(fresh, tmp_path / "adapter")
+    assert fresh.lorafa_config.init_a == "orthogonal"  # the reloaded config says how A was drawn
     for name, layer in lorafa_layers(fresh).items():
         assert torch.equal(layer.lora_A, lorafa_layers(model)[name].lora_A)
     torch.testing.assert_close(fresh(input_ids).logits, expected)
