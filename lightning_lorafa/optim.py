@@ -137,12 +137,11 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         for layer, grad in layers_and_grads:
             local = grad.to_local() if hasattr(grad, "to_local") else grad
             batches.setdefault((local.shape, local.dtype, local.device), []).append((layer, local))
-        for (_, dtype, device), batch in batches.items():
-            locals_ = [local for _, local in batch]
+        for (_, _, device), batch in batches.items():
             if len(batch) == 1:
-                local = locals_[0]
-                local.copy_((local.float() @ correction_matrix(batch[0][0]).to(device)).to(dtype))
+                correct_gradient(*batch[0])
                 continue
+            locals_ = [local for _, local in batch]
             matrices = [correction_matrix(layer) for layer, _ in batch]
             layers = tuple(id(layer) for layer, _ in batch)
             versions = tuple(layer._correction_cache[0] for layer, _ in batch)  # A's device, version, storage
