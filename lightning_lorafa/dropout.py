@@ -3,47 +3,129 @@
 A dropout mask is as large as its input. Backward needs it, so ordinary dropout keeps it alive
 from forward to backward. Here forward draws a seed tensor from the device's RNG (so runs stay
 reproducible under ``seed_everything``), multiplies by the mask that seed determines
-(``kernels.dropout_mul``: one Triton kernel on CUDA), and backward rebuilds the identical mask from
+(``kernels.dropout_mask``: one Triton kernel on CUDA), and backward rebuilds the identical mask from
 the same seed: only the 8-byte seed is kept, and nothing waits for the device.
+
+In eager mode the product is one ATen op (``x * mask``, or ``addcmul`` with the ``1 / (1 - p)`` scale) run
+under saved-tensor hooks that replace the saved mask by its seed, so backward is autograd's own C++ node
+plus a small unpack call that rebuilds the mask: no Python ``autograd.Function`` per dropout. Under
+``torch.compile`` the same mask comes from the ``dropout_mul`` custom op inside an ``autograd.Function``,
+which the compiler traces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
+from torch._C._autograd import _pop_saved_tensors_default_hooks as _pop_saved_tensors_hooks
+from torch._C._autograd import _push_saved_tensors_default_hooks as _push_saved_tensors_hooks
+from torch._C._autograd import _saved_tensors_hooks_is_enabled as _saved_tensors_hooks_enabled
+from torch._C._autograd import _top_saved_tensors_default_hooks as _top_saved_tensors_hooks
 from torch.overrides import handle_torch_function, has_torch_function_unary
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lightning_lorafa.kernels import draw_seed, dropout_mul
+from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale
 
 RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
 
 
 class _SeededDropout(torch.autograd.Function):
-    """``dropout_mul(x, seed, p)``, keeping the seed instead of the mask."""
+    """``dropout_mul(x, seed, p, scale)``, keeping the seed instead of the mask (the ``torch.compile`` path)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
         ctx.save_for_backward(seed)
-        ctx.p = p
-        return dropout_mul(x, seed, p)
+        ctx.p, ctx.scale = p, scale
+        return dropout_mul(x, seed, p, scale)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (seed,) = ctx.saved_tensors
-        return dropout_mul(grad_out, seed, ctx.p), None, None
+        return dropout_mul(grad_out, seed, ctx.p, ctx.scale), None, None, None
+
+
+class _SavedMask:
+    """What autograd keeps of a dropout mask: the seed it is rebuilt from (packed by any outer saved-tensor
+    hooks, such as a checkpoint's or the saved-activation recorder's) and the mask's shape, ``p`` and dtype."""
+
+    __slots__ = ("seed", "outer_unpack", "shape", "p", "dtype")
+
+    def __init__(self, seed: Any, outer_unpack: Callable[[Any], torch.Tensor] | None, mask: torch.Tensor, p: float):
+        self.seed, self.outer_unpack, self.shape, self.p, self.dtype = seed, outer_unpack, mask.shape, p, mask.dtype
+
+
+def _rebuild_mask(saved: _SavedMask | torch.Tensor) -> torch.Tensor:
+    """Unpack hook: the mask again, from its seed."""
+    if not isinstance(saved, _SavedMask):  # a tensor the product saved besides the mask, kept as it was
+        return saved
+    seed = saved.seed if saved.outer_unpack is None else saved.outer_unpack(saved.seed)
+    return dropout_mask(saved.shape, seed, saved.p, saved.dtype)
+
+
+def _mask_multiply(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """``x * mask * scale`` as one differentiable ATen op whose saved mask autograd replaces by its seed.
+
+    The product runs under saved-tensor hooks that pack the 0/1 mask as ``_SavedMask`` and rebuild it in
+    backward, so backward is autograd's own ``MulBackward0``/``AddcmulBackward0`` (C++) plus one small unpack
+    call, instead of a Python ``autograd.Function``. ``torch.addcmul`` applies ``scale`` in float32, like
+    ``nn.Dropout``, for half-precision ``x``.
+    """
+    mask = dropout_mask(x.shape, seed, p, x.dtype)
+    outer = _top_saved_tensors_hooks(False)
+    outer_pack, outer_unpack = (None, None) if outer is None else outer
+
+    def pack(saved: torch.Tensor) -> _SavedMask | torch.Tensor:
+        if saved is not mask:  # not reached: the product saves the mask only (x needs a gradient, mask not)
+            return saved
+        return _SavedMask(seed if outer_pack is None else outer_pack(seed), outer_unpack, mask, p)
+
+    _push_saved_tensors_hooks(pack, _rebuild_mask)
+    try:
+        if scale == 1.0:
+            return x * mask
+        return torch.addcmul(_zero(x.dtype, x.device), x, mask, value=scale)
+    finally:
+        _pop_saved_tensors_hooks()
+
+
+_zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached 0-d zero of ``dtype`` on ``device`` (the ``addcmul`` base)."""
+    zero = _zeros.get((dtype, device))
+    if zero is None:
+        zero = _zeros[(dtype, device)] = torch.zeros((), dtype=dtype, device=device)
+    return zero
+
+
+def apply_seeded_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    """``x * mask * scale`` for a fresh dropout mask (drop probability ``p``), keeping a seed, not the mask.
+
+    ``scale`` is ``keep_scale(p)`` for unbiased dropout, or 1.0 where the caller folds ``1 / (1 - p)`` into
+    a later scale (the LoRA-FA branch does). Eager: ``_mask_multiply``; under ``torch.compile``, or where
+    saved-tensor hooks are disabled, the ``_SeededDropout`` function around the ``dropout_mul`` custom op.
+    Both draw the same mask for the same seed.
+    """
+    seed = draw_seed(x.device)
+    if torch.compiler.is_compiling() or not _saved_tensors_hooks_enabled():
+        return _SeededDropout.apply(x, seed, p, scale)
+    return _mask_multiply(x, seed, p, scale)
 
 
 def seeded_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout of ``x`` (*) -> (*) with ``0 < p < 1`` that keeps a seed, not a mask, for backward.
 
-    Draws one seed from the RNG of ``x``'s device; the mask is ``kernels.dropout_mul``'s for that seed.
+    Draws one seed from the RNG of ``x``'s device; the mask is ``kernels.dropout_mask``'s for that seed.
     """
     if has_torch_function_unary(x):  # lets TorchFunctionMode (the saved-activation recorder) see this call
         return handle_torch_function(seeded_dropout, (x,), x, p)
-    return _SeededDropout.apply(x, draw_seed(x.device), p)
+    return apply_seeded_mask(x, p, keep_scale(p))
 
 
 class RecomputedDropout(nn.Module):
@@ -89,16 +171,17 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         probs = _probabilities(query, key, bias, mask, scaling)  # (B, H, Sq, Sk)
         ctx.save_for_backward(query, key, value, bias, mask, seed)
         ctx.scaling, ctx.p = scaling, p
-        return torch.matmul(dropout_mul(probs, seed, p), value)
+        return torch.matmul(_apply_masks(seed, p, probs)[0], value)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: torch.Tensor):
         query, key, value, bias, mask, seed = ctx.saved_tensors
         probs = _probabilities(query, key, bias, mask, ctx.scaling)
-        grad_value = torch.matmul(dropout_mul(probs, seed, ctx.p).transpose(-2, -1), grad_out)
         # Under autocast the matmul gives the autocast dtype while probs may be float32 (a float32 bias).
-        grad_probs = dropout_mul(torch.matmul(grad_out, value.transpose(-2, -1)).to(probs.dtype), seed, ctx.p)
+        grad_probs = torch.matmul(grad_out, value.transpose(-2, -1)).to(probs.dtype)
+        dropped, grad_probs = _apply_masks(seed, ctx.p, probs, grad_probs)
+        grad_value = torch.matmul(dropped.transpose(-2, -1), grad_out)
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
         grad_scores = grad_scores * ctx.scaling
@@ -106,6 +189,17 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
         grad_key = torch.matmul(query.transpose(-2, -1), grad_scores).transpose(-2, -1)
         return grad_query, grad_key, grad_value, grad_bias, None, None, None, None
+
+
+def _apply_masks(seed: torch.Tensor, p: float, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``dropout_mul(t, seed, p)`` for each of ``tensors`` (one shape and dtype): in eager mode the mask is
+    built once and applied to all, scaled in float32 as ``dropout_mul`` does (``addcmul``); under
+    ``torch.compile``, the ``dropout_mul`` custom op each."""
+    if torch.compiler.is_compiling():
+        return [dropout_mul(t, seed, p) for t in tensors]
+    first = tensors[0]
+    kept, zero, scale = dropout_mask(first.shape, seed, p, first.dtype), _zero(first.dtype, first.device), keep_scale(p)
+    return [torch.addcmul(zero, t, kept, value=scale) for t in tensors]
 
 
 def _probabilities(

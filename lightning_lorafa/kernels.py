@@ -1,17 +1,19 @@
-"""The dropout-mask kernel: ``x * mask / (1 - p)`` with the mask rebuilt from a seed tensor, never stored.
+"""Dropout masks rebuilt from a seed tensor, never stored: ``dropout_mask`` and ``dropout_mul``.
 
-``dropout_mul(x, seed, p)`` multiplies ``x`` by a dropout mask that is a pure function of
-``(seed, position, p)``: calling it again with the same seed gives the same mask, so backward can
-rebuild the mask of forward instead of keeping it. ``seed`` is a 0-d int64 tensor on ``x``'s device
-(drawn with ``draw_seed``), so nothing waits for the device and nothing is read on the host.
+``dropout_mask(shape, seed, p, dtype)`` is a 0/1 mask that is a pure function of ``(seed, shape, p)``:
+calling it again with the same seed gives the same mask, so backward can rebuild the mask of forward
+instead of keeping it. ``dropout_mul(x, seed, p)`` is ``x * mask / (1 - p)`` for that mask in one call.
+``seed`` is a 0-d int64 tensor on ``x``'s device (drawn with ``draw_seed``), so on CUDA nothing waits for the
+device and nothing is read on the host.
 
-- CUDA (and CPU under ``TRITON_INTERPRET=1``): one Triton kernel. Each element takes 16 bits of a
-  counter-based Philox draw at (seed, element index // 8) (one draw gives 128 bits: eight elements) and is
-  kept when they reach ``p * 2**16``.
-- CPU: PyTorch ops, four 16-bit slices of each 64-bit draw of a generator seeded with ``seed``.
+- CUDA (and CPU under ``TRITON_INTERPRET=1``): one Triton kernel per call (the mask, or the masked product).
+  Each element takes 16 bits of a counter-based Philox draw at (seed, element index // 8) (one draw gives
+  128 bits: eight elements) and is kept when they reach ``p * 2**16``.
+- CPU: PyTorch ops on a generator seeded with ``seed`` (``keep_mask``): one ``bernoulli_`` for small masks,
+  four 16-bit slices of each 64-bit ``randint`` word for large ones.
 
-Both resolve ``p`` in steps of ``2**-16`` (``effective_p``) and scale kept entries by ``1 / (1 - p_eff)``,
-so the dropout is unbiased; the two devices draw different masks. ``torch.ops.lightning_lorafa.dropout_mul``
+All resolve ``p`` in steps of ``2**-16`` (``effective_p``) and scale kept entries by ``1 / (1 - p_eff)``,
+so the dropout is unbiased; the devices draw different masks. ``torch.ops.lightning_lorafa.dropout_mul``
 is the same function as a ``torch.library`` custom op, so ``torch.compile`` traces through callers.
 """
 
@@ -32,6 +34,8 @@ LEVELS = 2**16
 #: Run the Triton kernel on CPU tensors too (Triton's interpreter, for testing the CUDA kernel without a GPU).
 TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 _BLOCK = 1024
+#: CPU masks of at most this many entries are drawn with ``bernoulli_`` (where its per-call cost wins).
+SMALL_MASK = 1024
 _generators: dict[torch.device, torch.Generator] = {}
 
 
@@ -55,21 +59,28 @@ def uses_triton(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or (TRITON_ON_CPU and x.device.type == "cpu"))
 
 
-def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The CPU path's boolean mask of kept entries for ``shape``; the same ``(shape, p, seed, device)`` gives
-    the same mask. Each entry takes 16 uniform random bits (four per 64-bit draw) and is dropped when they fall
-    below ``p * 2**16``: about five times faster on CPU than ``bernoulli_``. The generator is reused per device
-    and re-seeded on every call.
+def keep_mask(
+    shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
+    """The CPU path's 0/1 mask of kept entries for ``shape``: the same ``(shape, p, seed, device)`` gives the
+    same mask. The generator is reused per device and re-seeded on every call.
+
+    Masks of at most ``SMALL_MASK`` entries are one ``bernoulli_`` draw (keep probability ``1 - effective_p(p)``)
+    made directly in ``dtype``: the fewest ops, which is what tiny steps are bound by. Larger masks are bool:
+    each entry takes 16 uniform random bits (four per 64-bit ``randint`` word) and is dropped when they fall
+    below ``p * 2**16``, about four times faster per entry than ``bernoulli_``.
     """
     generator = _generators.get(device)
     if generator is None:
         generator = _generators.setdefault(device, torch.Generator(device=device))
     generator.manual_seed(seed)
-    if shape and shape[-1] % 4 == 0:  # the usual case: four 16-bit slices of each word fill the last dimension
+    numel = shape.numel()
+    if numel <= SMALL_MASK:
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - effective_p(p), generator=generator)
+    if shape[-1] % 4 == 0:  # the usual case: four 16-bit slices of each word fill the last dimension
         words = torch.randint(-(2**63), 2**63 - 1, (*shape[:-1], shape[-1] // 4), generator=generator, device=device)
         bits = words.view(torch.int16)  # (*shape), uniform over [-2**15, 2**15)
     else:
-        numel = shape.numel()
         words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), generator=generator, device=device)
         bits = words.view(torch.int16)[:numel].view(shape)
     return bits >= dropped_levels(p) - LEVELS // 2
@@ -77,11 +88,11 @@ def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["dropped", "scale"])
-    def _dropout_mul_kernel(x_ptr, out_ptr, seed_ptr, numel, dropped, scale, BLOCK: tl.constexpr):
-        """out[i] = x[i] * scale if bits(i) >= dropped else 0, for a flat contiguous x.
+    @triton.jit
+    def _keep_bits(seed_ptr, BLOCK: tl.constexpr):
+        """The 16-bit draws of this program's BLOCK elements and their flat offsets, both (BLOCK // 8, 8).
 
-        One Philox call (four 32-bit words) at counter g gives the 16-bit draws of elements 8g .. 8g + 7:
+        One Philox call (four 32-bit words) at counter g gives the draws of elements 8g .. 8g + 7:
         element 8g + j takes the high (j even) or low (j odd) half of word j // 2.
         """
         groups = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # (G,)
@@ -91,49 +102,83 @@ if triton is not None:
             lane < 4, tl.where(lane < 2, r0[:, None], r1[:, None]), tl.where(lane < 6, r2[:, None], r3[:, None])
         )
         bits = tl.where(lane % 2 == 0, word >> 16, word & 0xFFFF)  # (G, 8), uniform over [0, 2**16)
-        offsets = groups[:, None] * 8 + lane  # (G, 8)
+        return bits, groups[:, None] * 8 + lane
+
+    @triton.jit(do_not_specialize=["dropped", "scale"])
+    def _dropout_mul_kernel(x_ptr, out_ptr, seed_ptr, numel, dropped, scale, BLOCK: tl.constexpr):
+        """out[i] = x[i] * scale if bits(i) >= dropped else 0, for a flat contiguous x."""
+        bits, offsets = _keep_bits(seed_ptr, BLOCK)
         inside = offsets < numel
         x = tl.load(x_ptr + offsets, mask=inside)
         out = tl.where(bits >= dropped, x.to(tl.float32) * scale, 0.0)
         tl.store(out_ptr + offsets, out.to(x.dtype), mask=inside)
 
+    @triton.jit(do_not_specialize=["dropped"])
+    def _dropout_mask_kernel(out_ptr, seed_ptr, numel, dropped, BLOCK: tl.constexpr):
+        """out[i] = 1 if bits(i) >= dropped else 0, the mask ``_dropout_mul_kernel`` applies."""
+        bits, offsets = _keep_bits(seed_ptr, BLOCK)
+        tl.store(out_ptr + offsets, (bits >= dropped).to(out_ptr.dtype.element_ty), mask=offsets < numel)
 
-def _triton_dropout_mul(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+
+def _triton_dropout_mul(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     numel = x.numel()
     if numel:
         grid = (triton.cdiv(numel, _BLOCK),)
-        _dropout_mul_kernel[grid](x, out, seed, numel, dropped_levels(p), keep_scale(p), BLOCK=_BLOCK)
+        _dropout_mul_kernel[grid](x, out, seed, numel, dropped_levels(p), scale, BLOCK=_BLOCK)
     return out
 
 
-def dropout_mul_eager(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``x * mask / (1 - p)`` (same shape and dtype as ``x``), the mask a function of ``seed`` (0-d int64)."""
+def dropout_mask(shape: torch.Size, seed: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 mask (``shape``, on ``seed``'s device) that ``dropout_mul(x, seed, p, scale)`` applies to an ``x``
+    of ``shape`` and ``dtype``: ``dropout_mul(x, seed, p, scale) == x * dropout_mask(...) * scale``.
+
+    Its dtype is bool, or ``dtype`` (float32 or float64 only) for the small CPU masks that ``keep_mask`` draws
+    directly in it; either multiplies ``x`` without changing its dtype, and ``mask * scale`` stays exact (a
+    half-precision mask would round ``scale``).
+    """
+    device = seed.device
+    if triton is not None and (device.type == "cuda" or (TRITON_ON_CPU and device.type == "cpu")):
+        out = torch.empty(shape, dtype=torch.bool, device=device)
+        numel = out.numel()
+        if numel:
+            _dropout_mask_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, numel, dropped_levels(p), BLOCK=_BLOCK)
+        return out
+    return keep_mask(shape, p, int(seed), device, dtype if dtype in (torch.float32, torch.float64) else torch.bool)
+
+
+def dropout_mul_eager(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float | None = None) -> torch.Tensor:
+    """``x * mask * scale`` (same shape and dtype as ``x``), the mask a function of ``seed`` (0-d int64);
+    ``scale`` defaults to ``keep_scale(p)``."""
+    scale = keep_scale(p) if scale is None else scale
     if uses_triton(x):
-        return _triton_dropout_mul(x, seed, p)
-    return (x.contiguous() * keep_mask(x.shape, p, int(seed), x.device)).mul_(keep_scale(p))
+        return _triton_dropout_mul(x, seed, p, scale)
+    out = x.contiguous() * keep_mask(x.shape, p, int(seed), x.device, x.dtype)
+    return out if scale == 1.0 else out.mul_(scale)
 
 
 @torch.library.custom_op("lightning_lorafa::dropout_mul", mutates_args=())
-def _dropout_mul_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    return dropout_mul_eager(x, seed, p)
+def _dropout_mul_op(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
+    return dropout_mul_eager(x, seed, p, scale)
 
 
 @_dropout_mul_op.register_fake
-def _(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+def _(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def dropout_mul(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """``x * mask / (1 - p)`` with the mask a pure function of ``(seed, p, x.shape, device)``; not differentiable.
+def dropout_mul(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float | None = None) -> torch.Tensor:
+    """``x * mask * scale`` with the mask a pure function of ``(seed, p, x.shape, device)``; not differentiable.
+    ``scale`` defaults to ``keep_scale(p)`` (unbiased dropout); 1.0 applies the bare 0/1 mask.
 
     Eager calls run the kernel directly (no dispatcher round trip); under ``torch.compile`` this is the
     custom op ``torch.ops.lightning_lorafa.dropout_mul``, which the compiler keeps as one opaque kernel.
     """
+    scale = keep_scale(p) if scale is None else scale
     if torch.compiler.is_compiling():
-        return _dropout_mul_op(x, seed, p)
-    return dropout_mul_eager(x, seed, p)
+        return _dropout_mul_op(x, seed, p, scale)
+    return dropout_mul_eager(x, seed, p, scale)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:

@@ -24,30 +24,34 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from lightning_lorafa.dropout import seeded_dropout
+from lightning_lorafa.dropout import apply_seeded_mask
+from lightning_lorafa.kernels import keep_scale
+from lightning_lorafa.memory import register_weight_copy
 
 #: Added to the diagonal of ``A A^T`` before inverting it.
 RIDGE = 1e-8
 
 
 def add_lora_fa_branch(
-    y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, p: float = 0.0
+    y: torch.Tensor, x: torch.Tensor, scaled_A: torch.Tensor, lora_B: torch.Tensor, p: float = 0.0
 ) -> torch.Tensor:
-    """``y + s * dropout(x) A^T B^T``: y (..., d_out), x (..., d_in), A (r, d_in) frozen, B (d_out, r).
+    """``y + s * dropout(x) A^T B^T`` computed as ``y + (x * mask) A'^T B^T`` with ``A' = s A / (1 - p)``.
 
-    Plain differentiable ops, so backward runs in autograd's C++ engine. With A frozen, autograd keeps
-    ``h = dropout(x) A^T`` (..., r) for B's gradient and never ``x``; the dropout keeps a seed, not a mask.
-    Under autocast the products run in the autocast dtype, like any ``F.linear``.
+    y (..., d_out), x (..., d_in), ``scaled_A`` = A' (r, d_in) frozen, B (d_out, r); ``mask`` is a fresh 0/1
+    dropout mask with drop probability ``p`` (``p = 0``: none). Plain differentiable ops, so backward runs
+    in autograd's C++ engine. With A frozen, autograd keeps ``h = (x * mask) A'^T`` (..., r) for B's
+    gradient and never ``x``; the dropout keeps a seed, not a mask. Folding the scales into A (``LoraFALinear``
+    keeps A' between steps) leaves no scaling op either way. Under autocast the products run in the
+    autocast dtype, like any ``F.linear``.
     """
-    if has_torch_function_variadic(y, x, lora_A, lora_B):  # lets TorchFunctionMode (the recorder) name this op
-        return handle_torch_function(add_lora_fa_branch, (y, x, lora_A, lora_B), y, x, lora_A, lora_B, scaling, p)
+    if has_torch_function_variadic(y, x, scaled_A, lora_B):  # lets TorchFunctionMode (the recorder) name this op
+        return handle_torch_function(add_lora_fa_branch, (y, x, scaled_A, lora_B), y, x, scaled_A, lora_B, p)
     if p > 0.0:
-        x = seeded_dropout(x, p)
-    h = F.linear(x, lora_A)  # (..., r)
-    out = F.linear(h, lora_B)  # (..., d_out)
+        x = apply_seeded_mask(x, p, 1.0)
+    out = F.linear(F.linear(x, scaled_A), lora_B)  # (..., r) -> (..., d_out)
     if out.dtype != y.dtype:  # a quantized base computes in its own dtype while B stays float32
         out = out.to(y.dtype)
-    return torch.add(y, out, alpha=scaling)
+    return torch.add(y, out)
 
 
 class _CorrectedGradient(torch.autograd.Function):
@@ -134,7 +138,7 @@ class LoraFALinear(nn.Module):
             init_lora_A(self.lora_A, seed)
         self.merged = False
         self.correct_in_backward = False
-        self._lora_A_cast: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._scaled_A: dict[tuple[torch.dtype, float], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     @property
     def in_features(self) -> int:
@@ -158,26 +162,33 @@ class LoraFALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        lora_A, lora_B = self.lora_A, self.lora_B
+        p = self.dropout if self.training else 0.0
+        lora_B = self.lora_B
         if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            if lora_A.dtype != dtype:
-                lora_A = self._lora_A_in(dtype)  # what autocast would cast it to, without a cast per forward
-        elif x.dtype != lora_A.dtype:  # e.g. half inputs to a quantized base, whose A and B are float32
-            lora_A, lora_B = self._lora_A_in(x.dtype), lora_B.to(x.dtype)
+            dtype = torch.get_autocast_dtype(x.device.type)  # what autocast would cast A to
+        else:
+            dtype = x.dtype
+            if lora_B.dtype != dtype:  # e.g. half inputs to a quantized base, whose A and B are float32
+                lora_B = lora_B.to(dtype)
         if self.correct_in_backward and lora_B.requires_grad:
             lora_B = _CorrectedGradient.apply(lora_B, correction_matrix(self))
-        return add_lora_fa_branch(y, x, lora_A, lora_B, self.scaling, self.dropout if self.training else 0.0)
+        scale = self.scaling * keep_scale(p) if p > 0.0 else self.scaling
+        return add_lora_fa_branch(y, x, self.scaled_lora_A(dtype, scale), lora_B, p)
 
-    def _lora_A_in(self, dtype: torch.dtype) -> torch.Tensor:
-        """A (r, d_in) in ``dtype``: cast once and kept while A is unchanged (A is frozen), so forward launches
-        no cast; under ``torch.compile`` a plain cast, which the compiler fuses."""
+    def scaled_lora_A(self, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        """``scale * A`` (r, d_in) in ``dtype``, computed in float32 and rounded once. Kept while A is unchanged
+        (A is frozen), one copy per (dtype, scale), so forward launches no cast and no scaling; under
+        ``torch.compile`` computed inline, which the compiler fuses."""
         lora_A = self.lora_A
         if torch.compiler.is_compiling():
-            return lora_A.to(dtype)
-        cached = self._lora_A_cast
-        if cached is None or cached[0] is not lora_A or cached[1] != lora_A._version or cached[2].dtype != dtype:
-            cached = self._lora_A_cast = (lora_A, lora_A._version, lora_A.to(dtype))
+            return (lora_A.float() * scale).to(dtype)
+        key = (dtype, scale)
+        cached = self._scaled_A.get(key)
+        if cached is None or cached[0] is not lora_A or cached[1] != lora_A._version:
+            if len(self._scaled_A) >= 2:  # train and eval scales; anything else replaces them
+                self._scaled_A.clear()
+            scaled = register_weight_copy((lora_A.detach().float() * scale).to(dtype))
+            cached = self._scaled_A[key] = (lora_A, lora_A._version, scaled)
         return cached[2]
 
     def delta_weight(self) -> torch.Tensor:

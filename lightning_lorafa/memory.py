@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,22 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f}"
 
 
+_weight_copies: dict[int, weakref.ref] = {}  # id -> the tensor, while it lives
+
+
+def register_weight_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """Count ``tensor`` as a weight, not an activation, when autograd saves it (or a view of it): for copies
+    of frozen weights that a layer keeps between steps (a cast or pre-scaled LoRA-FA ``A``). Returns it."""
+    key = id(tensor)
+    _weight_copies[key] = weakref.ref(tensor, lambda _: _weight_copies.pop(key, None))
+    return tensor
+
+
+def _is_weight_copy(tensor: torch.Tensor) -> bool:
+    ref = _weight_copies.get(id(tensor))
+    return ref is not None and ref() is tensor
+
+
 class _CurrentOp(TorchFunctionMode):
     """Tracks the outermost torch function being called, so pack hooks can name the op that saves."""
 
@@ -109,8 +126,9 @@ def _autograd_function_name() -> str | None:
 class SavedActivationRecorder:
     """Context manager recording the tensors autograd saves for backward inside it.
 
-    ``module``: optional; storages of its parameters and buffers count as weights (parameters and their
-    views are recognised without it; frozen buffers, e.g. a LoRA-FA ``lora_A``, are not).
+    ``module``: optional; storages of its parameters and buffers count as weights (parameters, their
+    views and ``register_weight_copy`` tensors are recognised without it; frozen buffers, e.g. a LoRA-FA
+    ``lora_A``, are not).
 
     Example::
 
@@ -146,7 +164,7 @@ class SavedActivationRecorder:
         key = storage.data_ptr()
         if key not in self._seen and storage.nbytes() > 0:
             base = tensor if tensor._base is None else tensor._base
-            is_weight = isinstance(base, nn.Parameter) or key in self._weights
+            is_weight = isinstance(base, nn.Parameter) or key in self._weights or _is_weight_copy(base)
             op = (self._mode.name or _autograd_function_name()) or "unknown"
             self._seen[key] = SavedTensor(op, tuple(tensor.shape), tensor.dtype, storage.nbytes(), is_weight)
         return tensor

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lightning_lorafa import LoraFALinear
 from lightning_lorafa.dropout import (
     RECOMPUTED_DROPOUT_SDPA,
     RecomputedDropout,
@@ -256,3 +257,27 @@ def test_t5_trains_under_bf16_autocast_with_recomputed_attention_dropout():
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_B")]
     assert len(grads) == 32 and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _graph_nodes(tensor: torch.Tensor) -> list[str]:
+    """Class names of every autograd node behind ``tensor``."""
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_eager_backward_of_seeded_dropout_is_autograd_s_own_node():
+    """In eager mode the masked product is one ATen op whose saved mask is a seed: backward runs autograd's C++
+    node (plus a small unpack), no Python ``autograd.Function``."""
+    x = torch.randn(4, 8, requires_grad=True)
+    assert type(RecomputedDropout(0.3).train()(x).grad_fn).__name__ == "AddcmulBackward0"
+    layer = LoraFALinear(nn.Linear(8, 6), r=2, alpha=4, dropout=0.3).train()
+    nodes = _graph_nodes(layer(x))
+    assert "MulBackward0" in nodes  # x * mask on the branch
+    assert not any(name.startswith("_") or "Seeded" in name for name in nodes), nodes

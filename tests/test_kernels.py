@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from lightning_lorafa import LoraFALinear
-from lightning_lorafa.kernels import draw_seed, dropout_mul, effective_p, keep_scale, uses_triton
+from lightning_lorafa.kernels import (
+    SMALL_MASK,
+    draw_seed,
+    dropout_mask,
+    dropout_mul,
+    effective_p,
+    keep_scale,
+    uses_triton,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +40,27 @@ def test_draw_seed_is_a_device_tensor_reproducible_under_manual_seed():
     torch.manual_seed(3)
     assert torch.equal(draw_seed(torch.device("cpu")), first)
     assert not torch.equal(draw_seed(torch.device("cpu")), first)
+
+
+@pytest.mark.parametrize("shape", [(7, 33), (40, 64), (3, 5, 101)], ids=["small", "large", "large-odd"])
+def test_cpu_masks_small_and_large_are_seeded_unbiased_and_match_dropout_mul(shape):
+    """Small masks (one ``bernoulli_``) and large ones (16-bit slices of ``randint`` words): the same seed
+    gives the same mask in every dtype, ``dropout_mul`` applies exactly that mask, about ``p`` is dropped."""
+    shape = torch.Size(shape)
+    assert (shape.numel() <= SMALL_MASK) == (shape == (7, 33))
+    seed, other = torch.tensor(5), torch.tensor(6)
+    mask = dropout_mask(shape, seed, 0.3, torch.float32)
+    assert mask.shape == shape and set(mask.unique().tolist()) == {0, 1}
+    half = dropout_mask(shape, seed, 0.3, torch.bfloat16)  # bool: a bf16 mask would round the 1 / (1 - p) scale
+    assert half.dtype == torch.bool and torch.equal(half, mask.bool())
+    x_half = torch.randn(shape, dtype=torch.bfloat16)
+    assert torch.equal(dropout_mul(x_half, seed, 0.3) != 0, (x_half != 0) & half)  # dropout_mul: the same mask
+    assert not torch.equal(dropout_mask(shape, other, 0.3, torch.float32), mask)
+    x = torch.randn(shape)
+    assert torch.equal(dropout_mul(x, seed, 0.3), x * mask * keep_scale(0.3))
+    assert torch.equal(dropout_mul(x, seed, 0.3, 1.0), x * mask)
+    draws = torch.stack([dropout_mask(shape, torch.tensor(s), 0.3, torch.float32) for s in range(200)])
+    assert abs(1 - draws.double().mean().item() - 0.3) < 0.01  # >= 46,200 draws: standard error < 0.003
 
 
 def test_cpu_path_runs_without_triton_kernel():

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from lightning_lorafa import LoraFALinear
-from lightning_lorafa.kernels import draw_seed, dropout_mul
+from lightning_lorafa.kernels import draw_seed, dropout_mul, keep_scale
 from lightning_lorafa.layer import add_lora_fa_branch, init_lora_A
+from lightning_lorafa.memory import measure_saved_activations
 
 
 def make_layer(d_in=12, d_out=10, r=4, alpha=8.0, bias=True, dropout=0.0, dtype=torch.float32, seed=3):
@@ -105,24 +106,16 @@ def test_gradcheck_float64(p):
 
     def branch(y, x, b):
         torch.manual_seed(1234)  # the same dropout seed at every call
-        return add_lora_fa_branch(y, x, a, b, 1.5, p)
+        return add_lora_fa_branch(y, x, a * 1.5 * keep_scale(p), b, p)  # A' = s A / (1 - p)
 
     assert torch.autograd.gradcheck(branch, (y, x, b))
 
 
 def saved_activation_shapes(layer, x):
-    """Shapes of the tensors autograd keeps for backward that are not parameters or buffers."""
-    weights = {t.data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
-    saved = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            saved.append((tuple(t.shape), t.untyped_storage().nbytes()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x).sum()
-    return saved
+    """Shapes and bytes of the tensors autograd keeps for backward that are not weights (parameters, buffers,
+    the layer's scaled copy of A)."""
+    report = measure_saved_activations(lambda: layer(x).sum(), module=layer)
+    return [(t.shape, t.nbytes) for t in report.tensors if not t.is_weight]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -205,17 +198,30 @@ def test_init_lora_A_is_device_and_dtype_independent():
     assert torch.equal(a16, a32.to(torch.bfloat16))
 
 
-def test_autocast_casts_A_once_while_it_is_unchanged():
+def test_autocast_casts_and_scales_A_once_while_it_is_unchanged():
     layer = make_layer()
     x = torch.randn(4, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = layer(x)
-        cast = layer._lora_A_cast[2]
-        assert cast.dtype == torch.bfloat16 and torch.equal(cast, layer.lora_A.bfloat16())
+        scaled = layer.scaled_lora_A(torch.bfloat16, layer.scaling)
+        assert scaled.dtype == torch.bfloat16 and torch.equal(scaled, (layer.lora_A * layer.scaling).bfloat16())
         torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
-        assert layer._lora_A_cast[2] is cast  # no new cast for the second forward
+        assert layer.scaled_lora_A(torch.bfloat16, layer.scaling) is scaled  # no new cast for the second forward
         with torch.no_grad():
             layer.lora_A.mul_(2)  # e.g. load_state_dict: A changed in place
         changed = layer(x)
-    assert torch.equal(layer._lora_A_cast[2], layer.lora_A.bfloat16())
+    assert torch.equal(layer.scaled_lora_A(torch.bfloat16, layer.scaling), (layer.lora_A * layer.scaling).bfloat16())
     assert not torch.allclose(changed, first)
+
+
+def test_scaled_A_is_a_weight_copy_kept_per_train_and_eval_scale():
+    layer = make_layer(dropout=0.25)
+    x = torch.randn(4, 12, requires_grad=True)
+    layer.train()(x)
+    train_scale = layer.scaling * keep_scale(0.25)
+    layer.eval()(x)
+    assert set(layer._scaled_A) == {(torch.float32, train_scale), (torch.float32, layer.scaling)}
+    assert layer.scaled_lora_A(torch.float32, train_scale) is layer._scaled_A[(torch.float32, train_scale)][2]
+    report = measure_saved_activations(lambda: layer.train()(x).sum())  # no module given: still a weight
+    assert sorted(t.shape for t in report.tensors if t.is_weight) == [(4, 10), (12, 4), (12, 10)]  # B^T, A'^T, W^T
+    assert sorted(t.shape for t in report.tensors if not t.is_weight) == [(), (4, 4)]  # the seed and h

@@ -76,12 +76,18 @@ def loss_and_B_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor,
 def test_recompute_gives_the_same_loss_and_B_gradients(family, recompute):
     loss, grads = loss_and_B_grads(build(family, "none"), BATCHES[family]())
     loss_r, grads_r = loss_and_B_grads(build(family, recompute), BATCHES[family]())
-    assert torch.equal(loss, loss_r)
     assert grads.keys() == grads_r.keys() and len(grads) >= 12
+    if family == "t5" and recompute == "block":
+        # Under gradient checkpointing transformers' T5 makes its position bias require a gradient, and CPU SDPA
+        # then takes another kernel for the attention (same math, other rounding); the shared bias's gradient
+        # also sums in another order.
+        torch.testing.assert_close(loss_r, loss, rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(loss, loss_r)
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
-        if family == "t5" and recompute == "block":  # T5's blocks share one position bias, whose gradient
-            torch.testing.assert_close(grads_r[name], grad, rtol=1e-5, atol=1e-7, msg=name)  # sums in another order
+        if family == "t5" and recompute == "block":
+            torch.testing.assert_close(grads_r[name], grad, rtol=1e-5, atol=1e-7, msg=name)
         else:
             assert torch.equal(grad, grads_r[name]), name
 

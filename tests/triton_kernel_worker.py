@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_lorafa import LoraFALinear
 from lightning_lorafa.dropout import RecomputedDropout
-from lightning_lorafa.kernels import draw_seed, dropout_mul, uses_triton
+from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, uses_triton
 
 
 def main() -> None:
@@ -32,6 +32,8 @@ def main() -> None:
     x = torch.randn(3, 70, 101)
     results["scales_x"] = torch.equal(dropout_mul(x, seed, 0.25), x * scale)
     results["strided_input"] = torch.equal(dropout_mul(ones.transpose(0, 2), seed, 0.25), scale.view(101, 70, 3))
+    kept = dropout_mask(ones.shape, seed, 0.25, torch.float32)  # the mask kernel: the same bits, as bool
+    results["mask_kernel_same_mask"] = kept.dtype == torch.bool and torch.equal(kept, scale != 0)
 
     # Forward and backward of the LoRA-FA layer rebuild one mask: equal to a reference that stores it.
     torch.manual_seed(0)
@@ -53,9 +55,13 @@ def main() -> None:
 
     # Model dropout: gradient zeros exactly where the forward dropped.
     y = torch.randn(5, 300, requires_grad=True)
+    torch.manual_seed(3)
     dropped = RecomputedDropout(0.3).train()(y)
     (grad,) = torch.autograd.grad(dropped, y, torch.ones_like(dropped))
     results["dropout_grad_mask_equal"] = torch.equal(grad == 0, dropped == 0)
+    torch.manual_seed(3)
+    reference = y * dropout_mul(torch.ones_like(y), draw_seed(y.device), 0.3)
+    results["dropout_equals_stored_mask_reference"] = torch.equal(dropped, reference)
     json.dump(results, sys.stdout)
 
 
