@@ -19,6 +19,7 @@ is the same function as a ``torch.library`` custom op, so ``torch.compile`` trac
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,16 +40,19 @@ SMALL_MASK = 1024
 _generators: dict[torch.device, torch.Generator] = {}
 
 
+@functools.cache  # called for every mask; a model has a handful of distinct p
 def dropped_levels(p: float) -> int:
     """How many of the 2**16 values of a 16-bit draw drop an entry: ``p * 2**16`` rounded, at most 2**16 - 1."""
     return min(round(p * LEVELS), LEVELS - 1)
 
 
+@functools.cache
 def effective_p(p: float) -> float:
     """The drop probability the kernels realise for ``p``: ``p`` rounded to a multiple of 1 / 2**16."""
     return dropped_levels(p) / LEVELS
 
 
+@functools.cache
 def keep_scale(p: float) -> float:
     """The factor kept entries are multiplied by: ``1 / (1 - effective_p(p))``."""
     return 1.0 / (1.0 - effective_p(p))
