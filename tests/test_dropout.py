@@ -281,3 +281,23 @@ def test_eager_backward_of_seeded_dropout_is_autograd_s_own_node():
     nodes = _graph_nodes(layer(x))
     assert "MulBackward0" in nodes  # x * mask on the branch
     assert not any(name.startswith("_") or "Seeded" in name for name in nodes), nodes
+
+
+def test_outer_saved_tensor_hooks_see_the_seed_and_backward_still_rebuilds_the_mask():
+    """Hooks around the model (a checkpoint's, an offloader's, the recorder's) get the seed to pack, not the mask."""
+    x = torch.randn(6, 40, requires_grad=True)
+    packed = []
+
+    def pack(tensor):
+        packed.append((tuple(tensor.shape), tensor.dtype))
+        return tensor.clone()  # like an offloader: unpack returns a copy
+
+    torch.manual_seed(9)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = RecomputedDropout(0.4).train()(x)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert packed == [((), torch.int64)]  # the seed only
+    torch.manual_seed(9)
+    reference = StoredMaskDropout(0.4).train()(x)
+    assert torch.equal(out, reference)
+    assert torch.equal(grad, torch.autograd.grad(reference, x, torch.ones_like(reference))[0])
