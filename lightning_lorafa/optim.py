@@ -93,7 +93,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            params, grads, exp_avgs, exp_avg_sqs, step_sizes = [], [], [], [], []
+            params, grads, exp_avgs, exp_avg_sqs, step_sizes, steps = [], [], [], [], [], []
             to_correct = []
             for p in group["params"]:
                 if p.grad is None:
@@ -106,8 +106,8 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"].item()
+                steps.append(state["step"])
+                step = state["step"].item() + 1  # the step counters advance together below
                 step_size = group["lr"]
                 if group["correct_bias"]:
                     step_size *= math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
@@ -119,6 +119,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             self._correct(to_correct)
             if not params:
                 continue
+            torch._foreach_add_(steps, 1.0)
             torch._foreach_mul_(exp_avgs, beta1)
             torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
