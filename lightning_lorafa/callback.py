@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -19,6 +20,7 @@ from lightning_lorafa.distributed import (
     check_no_frozen_parameters,
     check_not_sharded,
     check_resume_supported,
+    keep_lora_A_out_of_ddp_buffer_sync,
     prepare_for_strategy,
 )
 from lightning_lorafa.dropout import replace_dropout
@@ -190,6 +192,8 @@ class LoraFA(pl.Callback):
             self._hooked.add(id(pl_module))
             pl_module.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
         prepare_for_strategy(model, pl_module.trainer.strategy, self.gradient_correction)
+        if isinstance(pl_module.trainer.strategy, DDPStrategy):
+            keep_lora_A_out_of_ddp_buffer_sync(pl_module)
         if self.recompute != "none" and id(model) not in self._recomputed:
             check_recompute_strategy(self.recompute, pl_module.trainer.strategy)
             regions = apply_recompute(model, self.recompute)

@@ -72,6 +72,17 @@ def strategy(kind: str):
     )
 
 
+class RecordSyncedBuffers(pl.Callback):
+    """Under DDP: how many buffers DDP broadcasts before every forward, and how many of them are LoRA-FA A's."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ddp = trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            synced = ddp.modules_buffers
+            names = [name for name, buffer in ddp.module.named_buffers() if any(buffer is b for b in synced)]
+            pl_module.synced_buffers = (len(names), sum(name.endswith("lora_A") for name in names))
+
+
 def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
@@ -79,7 +90,10 @@ def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl
         devices=2,
         strategy=strategy(kind),
         max_epochs=epochs,
-        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=["classifier"], attn_implementation=None)],
+        callbacks=[
+            LoraFA(r=4, alpha=8, modules_to_save=["classifier"], attn_implementation=None),
+            RecordSyncedBuffers(),
+        ],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -106,6 +120,7 @@ def main(kind: str, out: Path) -> None:
     straight = fit(kind, out / "straight", EPOCHS)
     rank = straight.global_rank
     result = {"straight": trained_tensors(straight), "world_size": straight.world_size}
+    result["synced_buffers"] = getattr(straight.lightning_module, "synced_buffers", None)
     first = fit(kind, out / "first", EPOCHS - 1)
     checkpoint = out / "first" / "half.ckpt"
     first.save_checkpoint(checkpoint)

@@ -78,6 +78,9 @@ def test_two_processes_ddp_train_like_one_and_resume_exactly(tmp_path, single_pr
     rank0, rank1 = run_worker("ddp", tmp_path)
     check_two_process_run(rank0, rank1, single_process_reference)
     assert rank0["types"] == ("Parameter", (32, 4), "Tensor", (4, 32))
+    # DDP does not broadcast the frozen A before every forward: every rank draws the same A from its seed
+    synced, synced_A = rank0["synced_buffers"]
+    assert synced_A == 0 and synced > 0, rank0["synced_buffers"]  # the model's other buffers still are
     checkpoint = torch.load(tmp_path / "first" / "half.ckpt", weights_only=False)
     state = checkpoint["state_dict"]
     assert len([k for k in state if k.endswith(".lora_B")]) == 12
