@@ -29,7 +29,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale
+from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale, uses_triton
 
 RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
 
@@ -104,16 +104,27 @@ def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return zero
 
 
+#: Triton-path tensors of at least this many entries take the fused kernel (``_SeededDropout``): one pass over
+#: x each way instead of mask kernel + product, which also writes and reads a bool mask. By arithmetic (an
+#: H100/H200 moves 2 bytes per entry more in about the host time of a Python autograd node at ~2**24 entries);
+#: not yet measured on a GPU. Smaller ones, where a step is host-bound, take the ``_mask_multiply`` path.
+FUSED_MIN_NUMEL = 2**24
+
+
 def apply_seeded_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
     """``x * mask * scale`` for a fresh dropout mask (drop probability ``p``), keeping a seed, not the mask.
 
     ``scale`` is ``keep_scale(p)`` for unbiased dropout, or 1.0 where the caller folds ``1 / (1 - p)`` into
-    a later scale (the LoRA-FA branch does). Eager: ``_mask_multiply``; under ``torch.compile``, or where
-    saved-tensor hooks are disabled, the ``_SeededDropout`` function around the ``dropout_mul`` custom op.
-    Both draw the same mask for the same seed.
+    a later scale (the LoRA-FA branch does). Eager: ``_mask_multiply``; under ``torch.compile``, where
+    saved-tensor hooks are disabled, or for a large CUDA ``x`` (``FUSED_MIN_NUMEL``), the ``_SeededDropout``
+    function around the fused ``dropout_mul`` kernel. All draw the same mask and give the same values.
     """
     seed = draw_seed(x.device)
-    if torch.compiler.is_compiling() or not _saved_tensors_hooks_enabled():
+    if (
+        torch.compiler.is_compiling()
+        or not _saved_tensors_hooks_enabled()
+        or (x.numel() >= FUSED_MIN_NUMEL and uses_triton(x))
+    ):
         return _SeededDropout.apply(x, seed, p, scale)
     return _mask_multiply(x, seed, p, scale)
 

@@ -109,3 +109,22 @@ def test_cuda_layer_rebuilds_the_forward_mask_in_backward():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     assert abs((mask == 0).float().mean().item() - 0.3) < 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_and_split_dropout_paths_give_the_same_values(dtype, monkeypatch):
+    """Large CUDA tensors take the fused kernel, small ones the mask kernel and an ATen product: bit-equal."""
+    pytest.importorskip("triton")
+    from lightning_lorafa import dropout as dropout_module
+    from lightning_lorafa.dropout import RecomputedDropout
+
+    x = torch.randn(33, 1001, device="cuda", dtype=dtype, requires_grad=True)
+    results = []
+    for fused_min in (0, 2**62):
+        monkeypatch.setattr(dropout_module, "FUSED_MIN_NUMEL", fused_min)
+        torch.cuda.manual_seed(6)
+        out = RecomputedDropout(0.3).train()(x)
+        results.append((out, torch.autograd.grad(out, x, torch.ones_like(out))[0]))
+    (fused, fused_grad), (split, split_grad) = results
+    assert torch.equal(fused, split) and torch.equal(fused_grad, split_grad)
