@@ -158,7 +158,7 @@ def dropout_mul_eager(x: torch.Tensor, seed: torch.Tensor, p: float, scale: floa
     scale = keep_scale(p) if scale is None else scale
     if uses_triton(x):
         return _triton_dropout_mul(x, seed, p, scale)
-    out = x.contiguous() * keep_mask(x.shape, p, int(seed), x.device, x.dtype)
+    out = x.contiguous() * dropout_mask(x.shape, seed, p, x.dtype)  # the CPU path of dropout_mask
     return out if scale == 1.0 else out.mul_(scale)
 
 
