@@ -164,10 +164,14 @@ class RecomputedDropout(nn.Module):
 
 
 class _RecomputedDropoutAttention(torch.autograd.Function):
-    """``dropout(softmax(q k^T * scaling + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only."""
+    """``dropout(softmax(q k^T * scaling + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only.
+
+    q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D). The products are ``bmm`` on (B * H, S, D) views
+    (what ``matmul`` runs underneath, so the values are the same bits, with less dispatch per call); q, k and v
+    are kept in that layout. Under CPU autocast, backward recomputes under the forward's autocast state.
+    """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")
     def forward(
         ctx,
         query: torch.Tensor,
@@ -179,27 +183,47 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         p: float,
         seed: torch.Tensor,
     ) -> torch.Tensor:
-        probs = _probabilities(query, key, bias, mask, scaling)  # (B, H, Sq, Sk)
+        batch, heads, q_length, head_dim = query.shape
+        kv_length = key.shape[2]
+        query = query.reshape(batch * heads, q_length, head_dim)
+        key = key.reshape(batch * heads, kv_length, head_dim)
+        value = value.reshape(batch * heads, kv_length, value.shape[-1])
+        shape = (batch, heads, q_length, kv_length)
+        probs = _probabilities(query, key, bias, mask, scaling, shape)
         ctx.save_for_backward(query, key, value, bias, mask, seed)
-        ctx.scaling, ctx.p = scaling, p
-        return torch.matmul(_apply_masks(seed, p, probs)[0], value)
+        ctx.scaling, ctx.p, ctx.shape = scaling, p, shape
+        ctx.autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        dropped = _apply_masks(seed, p, probs)[0].view(batch * heads, q_length, kv_length)
+        return torch.bmm(dropped, value).view(batch, heads, q_length, -1)
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: torch.Tensor):
-        query, key, value, bias, mask, seed = ctx.saved_tensors
-        probs = _probabilities(query, key, bias, mask, ctx.scaling)
-        # Under autocast the matmul gives the autocast dtype while probs may be float32 (a float32 bias).
-        grad_probs = torch.matmul(grad_out, value.transpose(-2, -1)).to(probs.dtype)
-        dropped, grad_probs = _apply_masks(seed, ctx.p, probs, grad_probs)
-        grad_value = torch.matmul(dropped.transpose(-2, -1), grad_out)
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
-        grad_scores = grad_scores * ctx.scaling
-        grad_query = torch.matmul(grad_scores, key)
-        # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
-        grad_key = torch.matmul(query.transpose(-2, -1), grad_scores).transpose(-2, -1)
-        return grad_query, grad_key, grad_value, grad_bias, None, None, None, None
+        if ctx.autocast_dtype is None:
+            return _attention_backward(ctx, grad_out)
+        with torch.autocast("cpu", dtype=ctx.autocast_dtype):
+            return _attention_backward(ctx, grad_out)
+
+
+def _attention_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``_RecomputedDropoutAttention`` for q, k, v and the bias; the same op order as autograd's
+    for the eager composition (``matmul``, ``* scaling``, ``+ bias``, softmax, dropout, ``matmul``)."""
+    query, key, value, bias, mask, seed = ctx.saved_tensors
+    batch, heads, q_length, kv_length = shape = ctx.shape
+    probs = _probabilities(query, key, bias, mask, ctx.scaling, shape)
+    grad_out = grad_out.reshape(batch * heads, q_length, -1)
+    grad_probs = torch.bmm(grad_out, value.transpose(1, 2)).view(shape)
+    if grad_probs.dtype != probs.dtype:  # autocast: bf16 products, float32 probs (a float32 bias)
+        grad_probs = grad_probs.to(probs.dtype)
+    dropped, grad_probs = _apply_masks(seed, ctx.p, probs, grad_probs)
+    grad_value = torch.bmm(dropped.view(batch * heads, q_length, kv_length).transpose(1, 2), grad_out)
+    grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+    grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
+    grad_scores = grad_scores.mul_(ctx.scaling) if grad_bias is None else grad_scores * ctx.scaling
+    grad_scores = grad_scores.view(batch * heads, q_length, kv_length)
+    grad_query = torch.bmm(grad_scores, key).view(batch, heads, q_length, -1)
+    # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
+    grad_key = torch.bmm(query.transpose(1, 2), grad_scores).transpose(1, 2).view(batch, heads, kv_length, -1)
+    return grad_query, grad_key, grad_value.view(batch, heads, kv_length, -1), grad_bias, None, None, None, None
 
 
 def _apply_masks(seed: torch.Tensor, p: float, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -214,16 +238,23 @@ def _apply_masks(seed: torch.Tensor, p: float, *tensors: torch.Tensor) -> list[t
 
 
 def _probabilities(
-    query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scaling: float,
+    shape: tuple[int, int, int, int],
 ) -> torch.Tensor:
-    """``softmax(q k^T * scaling + bias + mask)`` in the order eager attention uses; bool masks: True attends."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    """``softmax(q k^T * scaling + bias + mask)``: q (B * H, Sq, D), k (B * H, Sk, D) -> (B, H, Sq, Sk), in the
+    order eager attention uses; bool masks: True attends. In place on the fresh scores where dtypes agree
+    (the same rounding); a bias or mask of another dtype promotes, as ``+`` does."""
+    scores = torch.bmm(query, key.transpose(1, 2)).view(shape).mul_(scaling)
     if bias is not None:
-        scores = scores + bias
+        scores = scores.add_(bias) if bias.dtype == scores.dtype else scores + bias
     if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
-        scores = scores + mask
+        scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
     return torch.softmax(scores, dim=-1)
 
 
