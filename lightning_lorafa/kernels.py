@@ -9,7 +9,7 @@ device and nothing is read on the host.
 - CUDA (and CPU under ``TRITON_INTERPRET=1``): one Triton kernel per call (the mask, or the masked product).
   Each element takes 16 bits of a counter-based Philox draw at (seed, element index // 8) (one draw gives
   128 bits: eight elements) and is kept when they reach ``p * 2**16``.
-- CPU: PyTorch ops on a generator seeded with ``seed`` (``keep_mask``): one ``bernoulli_`` for small masks,
+- CPU: PyTorch ops on a generator seeded with ``seed`` (``keep_mask``): one ``bernoulli`` for small masks,
   four 16-bit slices of each 64-bit ``randint`` word for large ones.
 
 All resolve ``p`` in steps of ``2**-16`` (``effective_p``) and scale kept entries by ``1 / (1 - p_eff)``,
@@ -35,9 +35,10 @@ LEVELS = 2**16
 #: Run the Triton kernel on CPU tensors too (Triton's interpreter, for testing the CUDA kernel without a GPU).
 TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 _BLOCK = 1024
-#: CPU masks of at most this many entries are drawn with ``bernoulli_`` (where its per-call cost wins).
+#: CPU masks of at most this many entries are drawn with ``bernoulli`` (where its per-call cost wins).
 SMALL_MASK = 1024
 _generators: dict[torch.device, torch.Generator] = {}
+_templates: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 @functools.cache  # called for every mask; a model has a handful of distinct p
@@ -69,7 +70,7 @@ def keep_mask(
     """The CPU path's 0/1 mask of kept entries for ``shape``: the same ``(shape, p, seed, device)`` gives the
     same mask. The generator is reused per device and re-seeded on every call.
 
-    Masks of at most ``SMALL_MASK`` entries are one ``bernoulli_`` draw (keep probability ``1 - effective_p(p)``)
+    Masks of at most ``SMALL_MASK`` entries are one ``bernoulli`` draw (keep probability ``1 - effective_p(p)``)
     made directly in ``dtype``: the fewest ops, which is what tiny steps are bound by. Larger masks are bool:
     each entry takes 16 uniform random bits (four per 64-bit ``randint`` word) and is dropped when they fall
     below ``p * 2**16``, about four times faster per entry than ``bernoulli_``.
@@ -80,7 +81,7 @@ def keep_mask(
     generator.manual_seed(seed)
     numel = shape.numel()
     if numel <= SMALL_MASK:
-        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(1.0 - effective_p(p), generator=generator)
+        return torch.bernoulli(_template(shape, dtype, device), 1.0 - effective_p(p), generator=generator)
     if shape[-1] % 4 == 0:  # the usual case: four 16-bit slices of each word fill the last dimension
         words = torch.randint(-(2**63), 2**63 - 1, (*shape[:-1], shape[-1] // 4), generator=generator, device=device)
         bits = words.view(torch.int16)  # (*shape), uniform over [-2**15, 2**15)
@@ -88,6 +89,19 @@ def keep_mask(
         words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), generator=generator, device=device)
         bits = words.view(torch.int16)[:numel].view(shape)
     return bits >= dropped_levels(p) - LEVELS // 2
+
+
+def _template(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A kept, never written tensor of ``shape``/``dtype``: ``torch.bernoulli`` reads only its metadata, and so
+    draws a small mask in one call (``torch.empty(...).bernoulli_(...)`` is two). At most ``SMALL_MASK``
+    entries each; the cache is emptied when it holds 64."""
+    key = (shape, dtype, device)
+    template = _templates.get(key)
+    if template is None:
+        if len(_templates) >= 64:
+            _templates.clear()
+        template = _templates[key] = torch.empty(shape, dtype=dtype, device=device)
+    return template
 
 
 if triton is not None:
