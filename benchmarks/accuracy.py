@@ -59,6 +59,8 @@ BERT_TARGETS = ["query", "key", "value", "dense"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2_PATH = "~/.cache/lightning_lorafa/smollm2-135m"
 
+#: LoRA dropout of every adapter method unless ``--lora_dropout`` says otherwise.
+DEFAULT_LORA_DROPOUT = 0.1
 #: Learning-rate grid of each method kind, per task.
 LR_GRID = {
     "sst2": {
@@ -88,12 +90,14 @@ class Variant:
     gradient_correction: bool = True
     b_lr_scale: float = 1.0
     grid: str = "ours"
+    train_norms_and_biases: bool = False
 
 
 #: ``ours`` is the library's defaults; the rest are the variants studied: A Kaiming-uniform (the default),
 #: with orthonormal rows (``init_a="orthogonal"``), or the top ("principal") / bottom ("minor") right singular
 #: vectors of the frozen weight; no gradient correction; B's rate 0.5, 2 or 4 times the head's (under Adam the
-#: same as scaling A by that factor).
+#: same as scaling A by that factor); every bias and norm weight trained too (``ours_bias``: their gradients need
+#: no saved activations beyond the frozen model's).
 VARIANTS: dict[str, Variant] = {
     "ours": Variant(),
     "ours_kaiming": Variant(init_a="kaiming"),
@@ -105,6 +109,7 @@ VARIANTS: dict[str, Variant] = {
     "ours_blr05": Variant(init_a="kaiming", b_lr_scale=0.5),
     "ours_principal": Variant(init_a="principal"),
     "ours_minor": Variant(init_a="minor"),
+    "ours_bias": Variant(train_norms_and_biases=True),
 }
 
 
@@ -333,6 +338,10 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
         for layer in lorafa_layers(model).values():
             initialize_lora_A(layer, layer.seed, variant.init_a)
     replace_dropout(model)
+    if variant.train_norms_and_biases:
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or "LayerNorm" in name or "norm" in name.split(".")[-2].lower():
+                param.requires_grad_(True)
     optimizer = create_lorafa_optimizer(model, lr=lr, gradient_correction=variant.gradient_correction)
     if variant.b_lr_scale != 1.0:
         b_params = set(optimizer.lora_layers)
@@ -427,6 +436,7 @@ def run(
         "seed": seed,
         "lr": lr,
         "split": split,
+        "lora_dropout": args["lora_dropout"],
         task.metric: round(task.score(model, score_batches), 5),
         "trainable_params": trainable,
         "train_seconds": round(train_seconds, 1),
@@ -443,18 +453,25 @@ def run(
 
 
 # ----------------------------------------------------------------------------- report
+def _label(row: dict) -> str:
+    """The run's method, with its LoRA dropout when that is not the default (records that name it)."""
+    dropout = row.get("lora_dropout", DEFAULT_LORA_DROPOUT)
+    return row["method"] if dropout == DEFAULT_LORA_DROPOUT else f"{row['method']} (LoRA dropout {dropout:g})"
+
+
 def summarize(results: list[dict], task: Task) -> list[dict]:
     """Mean and standard deviation per (method, r, lr) over the held-out ("eval") runs."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in results:
         if row.get("split", "eval") == "eval" and row["task"] == task.name:
-            groups[(row["method"], row["r"], row["lr"])].append(row)
+            groups[(_label(row), row["r"], row["lr"])].append(row)
     rows = []
     for (method, r, lr), runs in groups.items():
         values = [run[task.metric] for run in runs]
         rows.append(
             {
                 "method": method,
+                "kind": method_kind(runs[0]["method"]),
                 "r": r,
                 "lr": lr,
                 "seeds": len(runs),
@@ -474,7 +491,7 @@ def write_report(results: list[dict], task: Task, output_dir: Path, header: str)
     dev: dict[tuple, list[str]] = defaultdict(list)
     for row in results:
         if row.get("split") == "dev" and row["task"] == task.name:
-            dev[(row["method"], row["r"])].append(f"{row['lr']:g}: {row[task.metric]:.3f}")
+            dev[(_label(row), row["r"])].append(f"{row['lr']:g}: {row[task.metric]:.3f}")
     lines = [
         header,
         "",
@@ -483,7 +500,7 @@ def write_report(results: list[dict], task: Task, output_dir: Path, header: str)
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        rank = "-" if method_kind(row["method"]) == "full" else row["r"]
+        rank = "-" if row["kind"] == "full" else row["r"]
         spread = f" ± {row['std']:.4f}" if row["seeds"] > 1 else ""
         lines.append(
             f"| {row['method']} | {rank} | {row['lr']:g} | {row['seeds']} | {row['mean']:.4f}{spread} | "
@@ -535,7 +552,7 @@ def main(
     max_length: int = 64,
     warmup: float = 0.06,
     micro_batches: int = 4,
-    lora_dropout: float = 0.1,
+    lora_dropout: float = DEFAULT_LORA_DROPOUT,
     device: str = "cpu",
     threads: int = 2,
     output_dir: str = "outputs/accuracy",

@@ -76,3 +76,16 @@ def test_ours_uses_the_library_and_unknown_methods_are_named():
     ) + (32 * 2 + 2)
     with pytest.raises(ValueError, match="Unknown method 'qlora'"):
         accuracy.method_kind("qlora")
+
+
+def test_report_keeps_runs_at_another_lora_dropout_apart():
+    def run(method, seed, acc, dropout=None):
+        row = {"task": "sst2", "method": method, "r": 16, "seed": seed, "lr": 0.002, "split": "eval", "accuracy": acc}
+        row.update(trainable_params=10, memory_mib=1.0, memory_kind="cpu_estimate", train_seconds=1.0)
+        return row if dropout is None else {**row, "lora_dropout": dropout}
+
+    results = [run("ours", 0, 0.8), run("ours", 1, 0.9, 0.1), run("ours", 0, 0.5, 0.0), run("full", 0, 0.7)]
+    rows = {row["method"]: row for row in accuracy.summarize(results, accuracy.SST2.__new__(accuracy.SST2))}
+    assert set(rows) == {"ours", "ours (LoRA dropout 0)", "full"}  # records without the field: the default
+    assert rows["ours"]["seeds"] == 2 and rows["ours"]["mean"] == pytest.approx(0.85)
+    assert rows["ours (LoRA dropout 0)"]["mean"] == 0.5 and rows["ours (LoRA dropout 0)"]["kind"] == "ours"
