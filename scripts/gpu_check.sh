@@ -25,7 +25,7 @@ if [ "$PART" = memory ]; then
   exit 0
 fi
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_dropout.py tests/test_layer.py \
-  tests/test_memory.py tests/test_attention.py tests/test_compile.py tests/test_quantization.py \
+  tests/test_memory.py tests/test_attention.py tests/test_compile.py tests/test_quantization.py tests/test_cuda_graphs.py \
   2>&1 | tee "$OUT/cuda-tests.txt"
 timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_recompute.py -k 4bit 2>&1 | tee -a "$OUT/cuda-tests.txt"
 timeout 170 python3 benchmarks/memory_speed.py --device cuda --models '["roberta-base"]' --compile true --repeats 5 \
