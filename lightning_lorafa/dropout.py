@@ -109,6 +109,11 @@ def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 #: H100/H200 moves 2 bytes per entry more in about the host time of a Python autograd node at ~2**24 entries);
 #: not yet measured on a GPU. Smaller ones, where a step is host-bound, take the ``_mask_multiply`` path.
 FUSED_MIN_NUMEL = 2**24
+#: CPU tensors of at least this many entries take ``_SeededDropout`` too (its CPU ``dropout_mul``: mask, product,
+#: in-place scale): there the extra pass and allocation of the product's backward (``grad * (mask * scale)``)
+#: outweigh a Python node; measured with ``benchmarks/dropout_paths.py`` (1.2-2x faster fwd + bwd from 2**18
+#: entries on a 2-core EPYC, level at 2**17).
+CPU_FUSED_MIN_NUMEL = 2**18
 
 
 def apply_seeded_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
@@ -116,14 +121,15 @@ def apply_seeded_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
 
     ``scale`` is ``keep_scale(p)`` for unbiased dropout, or 1.0 where the caller folds ``1 / (1 - p)`` into
     a later scale (the LoRA-FA branch does). Eager: ``_mask_multiply``; under ``torch.compile``, where
-    saved-tensor hooks are disabled, or for a large CUDA ``x`` (``FUSED_MIN_NUMEL``), the ``_SeededDropout``
-    function around the fused ``dropout_mul`` kernel. All draw the same mask and give the same values.
+    saved-tensor hooks are disabled, or for a large ``x`` (``FUSED_MIN_NUMEL`` on the Triton path,
+    ``CPU_FUSED_MIN_NUMEL`` on CPU), the ``_SeededDropout`` function around ``dropout_mul``. All draw the same
+    mask and give the same values.
     """
     seed = draw_seed(x.device)
     if (
         torch.compiler.is_compiling()
         or not _saved_tensors_hooks_enabled()
-        or (x.numel() >= FUSED_MIN_NUMEL and uses_triton(x))
+        or x.numel() >= (FUSED_MIN_NUMEL if uses_triton(x) else CPU_FUSED_MIN_NUMEL)
     ):
         return _SeededDropout.apply(x, seed, p, scale)
     return _mask_multiply(x, seed, p, scale)

@@ -44,13 +44,15 @@ def test_draw_seed_is_a_device_tensor_reproducible_under_manual_seed():
 
 @pytest.mark.parametrize("shape", [(7, 33), (40, 64), (3, 5, 101)], ids=["small", "large", "large-odd"])
 def test_cpu_masks_small_and_large_are_seeded_unbiased_and_match_dropout_mul(shape):
-    """Small masks (one ``bernoulli_``) and large ones (16-bit slices of ``randint`` words): the same seed
+    """Small masks (one ``bernoulli``) and large ones (16-bit slices of ``randint`` words): the same seed
     gives the same mask in every dtype, ``dropout_mul`` applies exactly that mask, about ``p`` is dropped."""
     shape = torch.Size(shape)
     assert (shape.numel() <= SMALL_MASK) == (shape == (7, 33))
     seed, other = torch.tensor(5), torch.tensor(6)
     mask = dropout_mask(shape, seed, 0.3, torch.float32)
     assert mask.shape == shape and set(mask.unique().tolist()) == {0, 1}
+    assert mask.dtype == torch.float32  # float masks come in the dtype they multiply (faster than bool on CPU)
+    assert torch.equal(dropout_mask(shape, seed, 0.3, torch.float64), mask.double())
     half = dropout_mask(shape, seed, 0.3, torch.bfloat16)  # bool: a bf16 mask would round the 1 / (1 - p) scale
     assert half.dtype == torch.bool and torch.equal(half, mask.bool())
     x_half = torch.randn(shape, dtype=torch.bfloat16)

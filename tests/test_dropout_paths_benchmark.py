@@ -1,0 +1,15 @@
+"""The dropout-paths benchmark runs on CPU and writes its table."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import dropout_paths  # noqa: E402
+
+
+def test_dropout_paths_benchmark_writes_its_table(tmp_path):
+    text = dropout_paths.main(min_log2=9, max_log2=11, calls=1, rounds=1, output_dir=str(tmp_path))
+    rows = [line for line in text.splitlines() if line.startswith("| 2^")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 2^9", "| 2^10", "| 2^11"]
+    assert all(row.endswith("| mask + product |") for row in rows)  # on CPU eager dropout never takes "fused"
+    assert len(list(tmp_path.glob("*-dropout-paths-*.md"))) == 1
