@@ -91,13 +91,15 @@ class Variant:
     b_lr_scale: float = 1.0
     grid: str = "ours"
     train_norms_and_biases: bool = False
+    correct_update: bool = False
 
 
 #: ``ours`` is the library's defaults; the rest are the variants studied: A Kaiming-uniform (the default),
 #: with orthonormal rows (``init_a="orthogonal"``), or the top ("principal") / bottom ("minor") right singular
 #: vectors of the frozen weight; no gradient correction; B's rate 0.5, 2 or 4 times the head's (under Adam the
 #: same as scaling A by that factor); every bias and norm weight trained too (``ours_bias``: their gradients need
-#: no saved activations beyond the frozen model's).
+#: no saved activations beyond the frozen model's); the correction applied to Adam's update of B instead of to its
+#: gradient (``ours_update_corr``, see ``correct_updates``).
 VARIANTS: dict[str, Variant] = {
     "ours": Variant(),
     "ours_kaiming": Variant(init_a="kaiming"),
@@ -110,6 +112,7 @@ VARIANTS: dict[str, Variant] = {
     "ours_principal": Variant(init_a="principal"),
     "ours_minor": Variant(init_a="minor"),
     "ours_bias": Variant(train_norms_and_biases=True),
+    "ours_update_corr": Variant(gradient_correction=False, correct_update=True),
 }
 
 
@@ -343,6 +346,8 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
             if name.endswith(".bias") or "LayerNorm" in name or "norm" in name.split(".")[-2].lower():
                 param.requires_grad_(True)
     optimizer = create_lorafa_optimizer(model, lr=lr, gradient_correction=variant.gradient_correction)
+    if variant.correct_update:
+        correct_updates(optimizer, optimizer.lora_layers)
     if variant.b_lr_scale != 1.0:
         b_params = set(optimizer.lora_layers)
         params = optimizer.param_groups[0]["params"]
@@ -352,6 +357,30 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
         if head:
             optimizer.add_param_group({"params": head, "lr": lr})
     return model, optimizer
+
+
+def correct_updates(optimizer: torch.optim.Optimizer, layers: dict[nn.Parameter, nn.Module]) -> None:
+    """Apply the gradient correction to each B's update instead of its gradient: after every step,
+    ``B = B_old + (B - B_old) C`` with ``C = (A A^T + 1e-8 I)^{-1}`` (r, r) divided by its mean diagonal, so that only
+    its anisotropic part acts (a constant factor is the learning rate's business; Adam removes it from a gradient)."""
+    corrections = {}
+    for param, layer in layers.items():
+        a = layer.lora_A.detach().float()
+        inverse = torch.linalg.inv(a @ a.t() + 1e-8 * torch.eye(a.shape[0]))
+        corrections[param] = (inverse / inverse.diagonal().mean()).to(param.dtype)
+    before: dict[nn.Parameter, torch.Tensor] = {}
+
+    def keep(*_args) -> None:
+        before.update({param: param.detach().clone() for param in corrections})
+
+    @torch.no_grad()
+    def correct(*_args) -> None:
+        for param, correction in corrections.items():
+            old = before.pop(param)
+            param.copy_(old + (param - old) @ correction)
+
+    optimizer.register_step_pre_hook(keep)
+    optimizer.register_step_post_hook(correct)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):

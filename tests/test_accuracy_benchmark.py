@@ -89,3 +89,23 @@ def test_report_keeps_runs_at_another_lora_dropout_apart():
     assert set(rows) == {"ours", "ours (LoRA dropout 0)", "full"}  # records without the field: the default
     assert rows["ours"]["seeds"] == 2 and rows["ours"]["mean"] == pytest.approx(0.85)
     assert rows["ours (LoRA dropout 0)"]["mean"] == 0.5 and rows["ours (LoRA dropout 0)"]["kind"] == "ours"
+
+
+def test_update_correction_variant_corrects_adams_step_not_the_gradient():
+    task = accuracy.SST2(max_length=16)
+    built = {}
+    for method in ("ours_nocorr", "ours_update_corr"):
+        torch.manual_seed(0)
+        model, optimizer = accuracy.build(method, tiny_bert(task.tokenizer.vocab_size), task, 4, 1e-3, 0.0)
+        model(**task.collate(ROWS[:4])).loss.backward()
+        layers = dict(optimizer.lora_layers)
+        before = {p: p.detach().clone() for p in layers}
+        optimizer.step()
+        built[method] = (layers, before)
+    (plain, plain_before), (corrected, corrected_before) = built["ours_nocorr"], built["ours_update_corr"]
+    assert len(plain) == len(corrected) == 13
+    for (p, layer), (q, _) in zip(plain.items(), corrected.items(), strict=True):
+        a = layer.lora_A.float()
+        inverse = torch.linalg.inv(a @ a.t() + 1e-8 * torch.eye(4))
+        step = (p - plain_before[p]) @ (inverse / inverse.diagonal().mean())
+        torch.testing.assert_close(q - corrected_before[q], step, rtol=1e-4, atol=1e-7)
