@@ -12,6 +12,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lightning_lorafa import LoraFALinear
+from lightning_lorafa import dropout as dropout_module
 from lightning_lorafa.dropout import (
     RECOMPUTED_DROPOUT_SDPA,
     RecomputedDropout,
@@ -149,11 +150,17 @@ def _llama_with_attention_dropout() -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("cpu_fused_min_numel", [None, 0], ids=["default-paths", "fused-path"])
 @pytest.mark.parametrize(
     "build", [lambda: tiny_roberta(dropout=0.1), _llama_with_attention_dropout], ids=["roberta", "llama"]
 )
-def test_model_loss_and_grads_identical_to_stored_mask_reference(build):
-    """Same seed draws in the same order: the recomputed and the stored-mask model agree bit for bit."""
+def test_model_loss_and_grads_identical_to_stored_mask_reference(build, cpu_fused_min_numel, monkeypatch):
+    """Same seed draws in the same order: the recomputed and the stored-mask model agree bit for bit, whether
+    each dropout takes the product path or (as CPU tensors of ``CPU_FUSED_MIN_NUMEL`` entries do) the fused one."""
+    if cpu_fused_min_numel is not None:
+        monkeypatch.setattr(dropout_module, "CPU_FUSED_MIN_NUMEL", cpu_fused_min_numel)
+    path = type(dropout_module.seeded_dropout(torch.ones(3, requires_grad=True), 0.5).grad_fn).__name__
+    assert path == ("AddcmulBackward0" if cpu_fused_min_numel is None else "_SeededDropoutBackward")
     recomputed = build().train()
     reference = copy.deepcopy(recomputed)
     input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
