@@ -363,14 +363,15 @@ def correct_updates(optimizer: torch.optim.Optimizer, layers: dict[nn.Parameter,
     """Apply the gradient correction to each B's update instead of its gradient: after every step,
     ``B = B_old + (B - B_old) C`` with ``C = (A A^T + 1e-8 I)^{-1}`` (r, r) divided by its mean diagonal, so that only
     its anisotropic part acts (a constant factor is the learning rate's business; Adam removes it from a gradient)."""
-    corrections = {}
-    for param, layer in layers.items():
-        a = layer.lora_A.detach().float()
-        inverse = torch.linalg.inv(a @ a.t() + 1e-8 * torch.eye(a.shape[0]))
-        corrections[param] = (inverse / inverse.diagonal().mean()).to(param.dtype)
+    corrections: dict[nn.Parameter, torch.Tensor] = {}
     before: dict[nn.Parameter, torch.Tensor] = {}
 
     def keep(*_args) -> None:
+        if not corrections:  # at the first step, on the device the model was moved to after this set-up
+            for param, layer in layers.items():
+                a = layer.lora_A.detach().float()
+                inverse = torch.linalg.inv(a @ a.t() + 1e-8 * torch.eye(a.shape[0], device=a.device))
+                corrections[param] = (inverse / inverse.diagonal().mean()).to(param.dtype)
         before.update({param: param.detach().clone() for param in corrections})
 
     @torch.no_grad()
