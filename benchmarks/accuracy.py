@@ -343,7 +343,8 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
     replace_dropout(model)
     if variant.train_norms_and_biases:
         for name, param in model.named_parameters():
-            if name.endswith(".bias") or "LayerNorm" in name or "norm" in name.split(".")[-2].lower():
+            owner = name.rpartition(".")[0].rpartition(".")[2].lower()  # the module holding it
+            if name.endswith(".bias") or "norm" in owner:
                 param.requires_grad_(True)
     optimizer = create_lorafa_optimizer(model, lr=lr, gradient_correction=variant.gradient_correction)
     if variant.correct_update:

@@ -109,3 +109,13 @@ def test_update_correction_variant_corrects_adams_step_not_the_gradient():
         inverse = torch.linalg.inv(a @ a.t() + 1e-8 * torch.eye(4))
         step = (p - plain_before[p]) @ (inverse / inverse.diagonal().mean())
         torch.testing.assert_close(q - corrected_before[q], step, rtol=1e-4, atol=1e-7)
+
+
+def test_bias_variant_trains_every_bias_and_norm_weight_too():
+    task = accuracy.SST2(max_length=16)
+    model, optimizer = accuracy.build("ours_bias", tiny_bert(64), task, r=4, lr=1e-3, lora_dropout=0.1)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    extra = {name for name in trained if not name.endswith("lora_B") and not name.startswith("classifier")}
+    assert extra and all(name.endswith(".bias") or "LayerNorm" in name for name in extra)
+    assert {name for name, _ in model.named_parameters() if "LayerNorm" in name or name.endswith(".bias")} <= trained
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(trained)
