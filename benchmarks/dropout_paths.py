@@ -33,6 +33,7 @@ from lightning_lorafa import dropout  # noqa: E402
 from lightning_lorafa.kernels import draw_seed, keep_scale  # noqa: E402
 
 PATHS = ("nn.Dropout", "mask + product", "fused")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def path_step(path: str, x: torch.Tensor, grad: torch.Tensor, p: float) -> Callable[[], None]:
@@ -91,8 +92,11 @@ def main(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a GPU; run without it for the CPU table.")
+    dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     torch.set_num_threads(threads)
-    dtype_ = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    dtype_ = getattr(torch, dtype)
     top = max_log2 if max_log2 is not None else (26 if dev.type == "cuda" else 21)
     threshold = dropout.FUSED_MIN_NUMEL if dev.type == "cuda" else dropout.CPU_FUSED_MIN_NUMEL
     rows = ["| entries | " + " | ".join(f"{path} us" for path in PATHS) + " | fastest seed-kept | taken now |"]
