@@ -172,7 +172,7 @@ class LoraFALinear(nn.Module):
                 lora_B = lora_B.to(dtype)
         if self.correct_in_backward and lora_B.requires_grad:
             lora_B = _CorrectedGradient.apply(lora_B, correction_matrix(self))
-        scale = self.scaling * keep_scale(p) if p > 0.0 else self.scaling
+        scale = self.scaling * keep_scale(p)  # keep_scale(0.0) is 1.0
         return add_lora_fa_branch(y, x, self.scaled_lora_A(dtype, scale), lora_B, p)
 
     def scaled_lora_A(self, dtype: torch.dtype, scale: float) -> torch.Tensor:
