@@ -37,17 +37,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def path_step(path: str, x: torch.Tensor, grad: torch.Tensor, p: float) -> Callable[[], None]:
-    """One forward and backward of ``x`` (requires grad) through ``path``."""
+    """One forward and backward of ``x`` (requires grad) through ``path`` (chosen here, not in the timed call)."""
     scale = keep_scale(p)
+    forwards: dict[str, Callable[[], torch.Tensor]] = {
+        "nn.Dropout": lambda: F.dropout(x, p, training=True),
+        "mask + product": lambda: dropout._mask_multiply(x, draw_seed(x.device), p, scale),
+        "fused": lambda: dropout._SeededDropout.apply(x, draw_seed(x.device), p, scale),
+    }
+    forward = forwards[path]
 
     def step() -> None:
-        if path == "nn.Dropout":
-            out = F.dropout(x, p, training=True)
-        elif path == "mask + product":
-            out = dropout._mask_multiply(x, draw_seed(x.device), p, scale)
-        else:
-            out = dropout._SeededDropout.apply(x, draw_seed(x.device), p, scale)
-        out.backward(grad)
+        forward().backward(grad)
 
     return step
 
