@@ -92,6 +92,7 @@ class Variant:
     grid: str = "ours"
     train_norms_and_biases: bool = False
     correct_update: bool = False
+    data_aware_a: str | None = None
 
 
 #: ``ours`` is the library's defaults; the rest are the variants studied: A Kaiming-uniform (the default),
@@ -99,7 +100,10 @@ class Variant:
 #: vectors of the frozen weight; no gradient correction; B's rate 0.5, 2 or 4 times the head's (under Adam the
 #: same as scaling A by that factor); every bias and norm weight trained too (``ours_bias``: their gradients need
 #: no saved activations beyond the frozen model's); the correction applied to Adam's update of B instead of to its
-#: gradient (``ours_update_corr``, see ``correct_updates``).
+#: gradient (``ours_update_corr``, see ``correct_updates``); data-aware A: Kaiming's A with ``h = x A^T`` whitened over
+#: 8 training batches (``ours_white``, ``ours_white_nocorr``: same row space, see ``whiten_lora_A``), or A's rows
+#: from the top right singular vectors of the frozen weights' gradient, whitened or only scaled to Kaiming's
+#: ``E|h|^2`` (``ours_grad_white``, ``ours_grad_energy``, see ``gradient_lora_A``).
 VARIANTS: dict[str, Variant] = {
     "ours": Variant(),
     "ours_kaiming": Variant(init_a="kaiming"),
@@ -113,6 +117,10 @@ VARIANTS: dict[str, Variant] = {
     "ours_minor": Variant(init_a="minor"),
     "ours_bias": Variant(train_norms_and_biases=True),
     "ours_update_corr": Variant(gradient_correction=False, correct_update=True),
+    "ours_white": Variant(data_aware_a="whitened"),
+    "ours_white_nocorr": Variant(data_aware_a="whitened", gradient_correction=False),
+    "ours_grad_white": Variant(data_aware_a="gradient_whitened", gradient_correction=False),
+    "ours_grad_energy": Variant(data_aware_a="gradient", gradient_correction=False),
 }
 
 
@@ -385,6 +393,91 @@ def correct_updates(optimizer: torch.optim.Optimizer, layers: dict[nn.Parameter,
     optimizer.register_step_post_hook(correct)
 
 
+def gradient_lora_A(
+    model: nn.Module, task: Task, rows: list, device: torch.device, whiten: bool, n_batches: int = 8
+) -> None:
+    """A's rows (r, d_in) become the top-r right singular vectors of the frozen weight's gradient G (d_out, d_in),
+    summed over the first ``n_batches`` batches of ``rows`` (eval-mode forward and backward, the head as it is),
+    then whitened over the inputs so that ``h = x A^T`` has Kaiming A's mean ``E|h|^2`` in every direction
+    (``whiten``), or scaled so that ``E|h|^2`` is Kaiming A's."""
+    layers = list(lorafa_layers(model).values())
+    second: dict[nn.Module, list] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, module.lora_A.shape[1]).float()
+        acc = second.setdefault(module, [0.0, 0])
+        acc[0] = acc[0] + x.t() @ x
+        acc[1] += x.shape[0]
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    for layer in layers:
+        layer.base.weight.requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    for batch in task.batches(rows, list(range(len(rows)))[: 32 * n_batches], 32):
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+    model.train(was_training)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.base.weight
+            grad = weight.grad.float()
+            weight.grad = None
+            weight.requires_grad_(False)
+            total, count = second[layer]
+            sigma = total / count
+            a_k = layer.lora_A.float()
+            energy = (a_k @ sigma @ a_k.t()).trace()
+            r = a_k.shape[0]
+            a_g = torch.linalg.svd(grad, full_matrices=False).Vh[:r]
+            h = a_g @ sigma @ a_g.t()
+            if whiten:
+                values, vectors = torch.linalg.eigh(h)
+                values = values.clamp_min(1e-6 * values.max())
+                new = vectors @ torch.diag(values.rsqrt()) @ vectors.t() @ a_g * (energy / r).sqrt()
+            else:
+                new = a_g * (energy / h.trace()).sqrt()
+            layer.lora_A.copy_(new.to(layer.lora_A.dtype))
+    for p in trainable:
+        p.requires_grad_(True)
+
+
+@torch.no_grad()
+def whiten_lora_A(model: nn.Module, task: Task, rows: list, device: torch.device, n_batches: int = 8) -> None:
+    """Data-aware A with the same row space: A (r, d_in) becomes ``M A``, where ``M`` (r, r) whitens
+    ``h = x A^T`` over the first ``n_batches`` batches of ``rows`` (eval-mode forwards, no gradients):
+    ``M = c H^{-1/2}`` with ``H = E[h h^T]`` and ``c^2 = trace(H) / r``, so ``E|h|^2`` is kept. Eigenvalues of ``H``
+    under 1e-6 of its largest are raised to that floor."""
+    layers = list(lorafa_layers(model).values())
+    stats: dict[nn.Module, list] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, module.lora_A.shape[1]).float()
+        h = x @ module.lora_A.float().t()
+        acc = stats.setdefault(module, [0.0, 0])
+        acc[0] = acc[0] + h.t() @ h
+        acc[1] += x.shape[0]
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    was_training = model.training
+    model.eval()
+    for batch in task.batches(rows, list(range(len(rows)))[: 32 * n_batches], 32):
+        model(**{k: v.to(device) for k, v in batch.items()})
+    model.train(was_training)
+    for handle in handles:
+        handle.remove()
+    for layer, (total, count) in stats.items():
+        moment = total / count
+        values, vectors = torch.linalg.eigh(moment)
+        values = values.clamp_min(1e-6 * values.max())
+        m = vectors @ torch.diag(values.rsqrt()) @ vectors.t() * (moment.trace() / moment.shape[0]).sqrt()
+        layer.lora_A.copy_((m @ layer.lora_A.float()).to(layer.lora_A.dtype))
+
+
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -422,6 +515,11 @@ def run(
     model = task.load_model()
     model, optimizer = build(method, model, task, r, lr, args["lora_dropout"])
     model.to(device)
+    data_aware_a = VARIANTS[method].data_aware_a if method_kind(method) == "ours" else None
+    if data_aware_a == "whitened":
+        whiten_lora_A(model, task, splits.train, device)
+    elif data_aware_a is not None:
+        gradient_lora_A(model, task, splits.train, device, whiten=data_aware_a == "gradient_whitened")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     order = []
     for epoch in range(args["epochs"]):
@@ -519,10 +617,19 @@ def summarize(results: list[dict], task: Task) -> list[dict]:
 
 def write_report(results: list[dict], task: Task, output_dir: Path, header: str) -> Path:
     rows = summarize(results, task)
-    dev: dict[tuple, list[str]] = defaultdict(list)
+    runs: dict[tuple, dict[int, float]] = defaultdict(dict)  # (label, r, lr) -> {seed: score}
     for row in results:
         if row.get("split") == "dev" and row["task"] == task.name:
-            dev[(_label(row), row["r"])].append(f"{row['lr']:g}: {row[task.metric]:.3f}")
+            runs[(_label(row), row["r"], row["lr"])][row["seed"]] = row[task.metric]
+    dev: dict[tuple, list[str]] = defaultdict(list)
+    for (label, r, lr), scores in sorted(runs.items()):
+        if list(scores) == [0]:
+            dev[(label, r)].append(f"{lr:g}: {scores[0]:.3f}")
+        else:
+            seeds = sorted(scores)
+            values = "/".join(f"{scores[seed]:.3f}" for seed in seeds)
+            mean = statistics.fmean(scores.values())
+            dev[(label, r)].append(f"{lr:g}, seeds {','.join(map(str, seeds))}: {values} (mean {mean:.4f})")
     lines = [
         header,
         "",
@@ -538,7 +645,7 @@ def write_report(results: list[dict], task: Task, output_dir: Path, header: str)
             f"{row['trainable_params']:,} | {row['memory_mib']:.1f} | {row['train_seconds']:.0f} |"
         )
     if dev:
-        lines += ["", "Dev split, one seed each (learning rates and variants are chosen here):", ""]
+        lines += ["", "Dev split, seed 0 unless more are named (learning rates and variants are chosen here):", ""]
         lines += [f"- {method} r {r}: {'; '.join(values)}" for (method, r), values in sorted(dev.items())]
     path = output_dir / f"accuracy-{task.name}.md"
     path.write_text("\n".join(lines) + "\n")

@@ -119,3 +119,92 @@ def test_bias_variant_trains_every_bias_and_norm_weight_too():
     assert extra and all(name.endswith(".bias") or "LayerNorm" in name for name in extra)
     assert {name for name, _ in model.named_parameters() if "LayerNorm" in name or name.endswith(".bias")} <= trained
     assert sum(len(group["params"]) for group in optimizer.param_groups) == len(trained)
+
+
+def _input_moments(model, batch) -> dict:
+    """Second moment (d_in, d_in) of each LoRA-FA layer's input over one eval forward of ``batch``."""
+    moments = {}
+
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, module.lora_A.shape[1]).float()
+        moments[module] = x.t() @ x / x.shape[0]
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in accuracy.lorafa_layers(model).values()]
+    with torch.no_grad():
+        model.eval()(**batch)
+    for handle in handles:
+        handle.remove()
+    return moments
+
+
+def _row_space(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projection (d_in, d_in) onto the rows of ``a`` (r, d_in)."""
+    a = a.double()
+    return a.t() @ torch.linalg.solve(a @ a.t(), a)
+
+
+def test_whitened_variant_keeps_the_row_space_and_whitens_the_projected_input():
+    task = accuracy.SST2(max_length=16)
+    torch.manual_seed(0)
+    model, _ = accuracy.build("ours_white_nocorr", tiny_bert(task.tokenizer.vocab_size), task, 4, 1e-3, 0.1)
+    rows, layers = ROWS[:16], accuracy.lorafa_layers(model)
+    before = {layer: layer.lora_A.clone() for layer in layers.values()}
+    moments = _input_moments(model, task.collate(rows))
+    accuracy.whiten_lora_A(model, task, rows, torch.device("cpu"), n_batches=1)  # one batch: these rows
+    whitened = 0
+    for layer, old in before.items():
+        new, sigma = layer.lora_A, moments[layer]
+        assert not torch.equal(new, old)
+        torch.testing.assert_close(_row_space(new), _row_space(old), rtol=0, atol=1e-5)
+        energy = (old @ sigma @ old.t()).trace() / 4  # E|h|^2 per direction, kept
+        values = torch.linalg.eigvalsh(old @ sigma @ old.t())
+        if values[-1] < 1e5 * values[0]:  # the pooler's 16 near-parallel inputs: eigenvalues clamped instead
+            torch.testing.assert_close(new @ sigma @ new.t(), energy * torch.eye(4), rtol=0, atol=1e-4 * energy)
+            whitened += 1
+    assert whitened == 12 and len(before) == 13
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_gradient_variant_spans_the_weight_gradients_top_right_singular_vectors(whiten):
+    task = accuracy.SST2(max_length=16)
+    torch.manual_seed(0)
+    model, _ = accuracy.build("ours_grad_energy", tiny_bert(task.tokenizer.vocab_size), task, 4, 1e-3, 0.0)
+    rows, layers = ROWS[:16], accuracy.lorafa_layers(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    batch = task.collate(rows)
+    for layer in layers.values():
+        layer.base.weight.requires_grad_(True)
+    model.eval()(**batch).loss.backward()
+    gradients = {layer: layer.base.weight.grad.clone() for layer in layers.values()}
+    for name, p in model.named_parameters():
+        p.grad = None
+        p.requires_grad_(name in trainable)
+    kaiming = {layer: layer.lora_A.clone() for layer in layers.values()}
+    moments = _input_moments(model, batch)
+    accuracy.gradient_lora_A(model, task, rows, torch.device("cpu"), whiten=whiten, n_batches=1)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+    assert all(p.grad is None for p in model.parameters())
+    checked = 0
+    for layer, grad in gradients.items():
+        top = torch.linalg.svd(grad, full_matrices=False).Vh[:4]
+        torch.testing.assert_close(_row_space(layer.lora_A), _row_space(top), rtol=0, atol=1e-4)
+        sigma, old = moments[layer], kaiming[layer]
+        new, energy = layer.lora_A, (old @ sigma @ old.t()).trace()  # Kaiming's E|h|^2
+        values, before = torch.linalg.eigvalsh(new @ sigma @ new.t()), torch.linalg.eigvalsh(top @ sigma @ top.t())
+        if before[-1] < 1e5 * before[0]:  # not clamped (a tiny model's inputs can be near-parallel)
+            torch.testing.assert_close(values.sum(), energy, rtol=1e-3, atol=0)
+            assert (values[-1] / values[0] < 1.001) == whiten
+            checked += 1
+    assert checked >= 10
+
+
+def test_report_lists_dev_runs_of_several_seeds_with_their_mean(tmp_path):
+    def dev(method, lr, seed, acc):
+        return {"task": "sst2", "method": method, "r": 16, "seed": seed, "lr": lr, "split": "dev", "accuracy": acc}
+
+    results = [dev("ours", 0.002, 0, 0.876), dev("ours", 0.001, 0, 0.869), dev("ours", 0.002, 1, 0.872)]
+    results.append(dev("ours_white", 0.002, 0, 0.873))
+    path = accuracy.write_report(results, accuracy.SST2.__new__(accuracy.SST2), tmp_path, "# header")
+    lines = path.read_text().splitlines()
+    assert "- ours r 16: 0.001: 0.869; 0.002, seeds 0,1: 0.876/0.872 (mean 0.8740)" in lines
+    assert "- ours_white r 16: 0.002: 0.873" in lines
