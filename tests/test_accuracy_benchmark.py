@@ -1,3 +1,5 @@
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -208,3 +210,41 @@ def test_report_lists_dev_runs_of_several_seeds_with_their_mean(tmp_path):
     lines = path.read_text().splitlines()
     assert "- ours r 16: 0.001: 0.869; 0.002, seeds 0,1: 0.876/0.872 (mean 0.8740)" in lines
     assert "- ours_white r 16: 0.002: 0.873" in lines
+
+
+def _sst2_file(path: Path, rows: list[str]) -> str:
+    path.write_text("sentence\tlabel\n" + "".join(rows))
+    return str(path)
+
+
+def test_command_line_trains_scores_and_appends_one_record_per_run(tmp_path):
+    """The documented interface, end to end on the shipped MiniLM and SST-2 rows: a train file, an eval file
+    of your own, two methods at one rate; one JSON line per run printed and appended, the report written."""
+    shipped = (Path(__file__).resolve().parents[1] / "data" / "sst2" / "train.tsv").read_text().splitlines(True)[1:]
+    train, evaluation = _sst2_file(tmp_path / "t.tsv", shipped[:40]), _sst2_file(tmp_path / "e.tsv", shipped[40:52])
+    out = tmp_path / "out"
+    command = [sys.executable, str(Path(accuracy.__file__)), "--task", "sst2", "--methods", "ours,lora"]
+    command += ["--train_file", train, "--eval_file", evaluation, "--train_rows", "16", "--dev_rows", "4"]
+    command += ["--epochs", "1", "--seeds", "0", "--lr", "1e-3", "--batch_size", "8", "--max_length", "16"]
+    command += ["--threads", "1", "--output_dir", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    saved = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert printed == saved and [run["method"] for run in saved] == ["ours", "lora"]
+    for run in saved:
+        assert (run["r"], run["seed"], run["lr"], run["split"], run["steps"]) == (16, 0, 1e-3, "eval", 2)
+        assert round(run["accuracy"] * 12, 3) % 1 == 0  # 12 rows of the eval file scored
+        assert run["train_seconds"] > 0
+    # LoRA-FA trains B only: r * sum(d_out) over query/key/value/dense, plus the classifier; LoRA trains A too
+    assert {run["method"]: run["trainable_params"] for run in saved} == {"ours": 338_690, "lora": 676_610}
+    report = (out / "accuracy-sst2.md").read_text()
+    assert "| ours | 16 | 0.001 | 1 |" in report and "| lora | 16 | 0.001 | 1 |" in report
+    assert (out / "accuracy-sst2.png").stat().st_size > 0
+
+
+def test_command_line_refuses_an_unknown_method_before_training(tmp_path):
+    command = [sys.executable, str(Path(accuracy.__file__)), "--methods", "ours,qlora", "--output_dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "Unknown method 'qlora'" in done.stderr
+    assert not (tmp_path / "results.jsonl").exists()
