@@ -656,9 +656,10 @@ def write_report(results: list[dict], task: Task, output_dir: Path, header: str)
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 3.5))
-        labels = [f"{row['method']}\nr{row['r']} lr{row['lr']:g}" for row in rows]
+        ranks = ["" if row["kind"] == "full" else f"r{row['r']} " for row in rows]
+        labels = [f"{row['method']}\n{rank}lr{row['lr']:g}" for row, rank in zip(rows, ranks, strict=True)]
         ax.bar(range(len(rows)), [row["mean"] for row in rows], yerr=[row["std"] for row in rows], capsize=3)
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
         values = [row["mean"] for row in rows]
         span = max(values) - min(values) or 0.01
         ax.set_ylim(min(values) - span, max(values) + span)
