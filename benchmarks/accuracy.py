@@ -20,6 +20,7 @@ LoRA dropout ``--lora_dropout`` and the model's own dropouts on. Methods:
 - ``full``: every weight trains (``torch.optim.AdamW``).
 - ``lora``: PEFT ``LoraConfig(r, lora_alpha=2r)`` on the target modules, head trained (``torch.optim.AdamW``).
 - ``peft_lorafa``: the same PEFT model trained with ``peft.optimizers.create_lorafa_optimizer``.
+- ``peft_lorafa_fp32``: the same, with the bf16 autocast PEFT puts around its gradient correction off.
 - ``ours``: the library's recommended settings: ``apply_lorafa`` + ``replace_dropout`` (what the ``LoraFA``
   callback sets up) and ``create_lorafa_optimizer``. ``ours_*`` are the variants studied (``VARIANTS``).
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import gc
 import json
 import math
@@ -127,9 +129,13 @@ VARIANTS: dict[str, Variant] = {
 def method_kind(method: str) -> str:
     if method in ("full", "lora", "peft_lorafa"):
         return method
+    if method == "peft_lorafa_fp32":
+        return "peft_lorafa"
     if method in VARIANTS:
         return "ours"
-    raise ValueError(f"Unknown method {method!r}: choose from full, lora, peft_lorafa, {', '.join(VARIANTS)}.")
+    raise ValueError(
+        f"Unknown method {method!r}: choose from full, lora, peft_lorafa, peft_lorafa_fp32, {', '.join(VARIANTS)}."
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -329,7 +335,10 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
             return model, torch.optim.AdamW(trainable, lr=lr, eps=1e-6, weight_decay=0.0)
         from peft.optimizers import create_lorafa_optimizer as peft_lorafa_optimizer
 
-        return model, peft_lorafa_optimizer(model, r=r, lora_alpha=alpha, lr=lr)
+        optimizer = peft_lorafa_optimizer(model, r=r, lora_alpha=alpha, lr=lr)
+        if method == "peft_lorafa_fp32":
+            step_without_bf16(optimizer)
+        return model, optimizer
     variant = VARIANTS[method]
     apply_lorafa(
         model,
@@ -366,6 +375,25 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
         if head:
             optimizer.add_param_group({"params": head, "lr": lr})
     return model, optimizer
+
+
+def step_without_bf16(optimizer: torch.optim.Optimizer) -> None:
+    """Run PEFT's LoRA-FA step with its bf16 autocast off (it corrects B's gradient under bf16 autocast wherever
+    bf16 is available, CPU included): the same update in float32, to tell its rounding from the method."""
+    import peft.optimizers.lorafa as peft_lorafa
+
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def step_in_fp32(*args: Any, **kwargs: Any) -> Any:
+        available = peft_lorafa.is_bf16_available
+        peft_lorafa.is_bf16_available = lambda *_: False
+        try:
+            return step(*args, **kwargs)
+        finally:
+            peft_lorafa.is_bf16_available = available
+
+    optimizer.step = step_in_fp32
 
 
 def correct_updates(optimizer: torch.optim.Optimizer, layers: dict[nn.Parameter, nn.Module]) -> None:

@@ -248,3 +248,27 @@ def test_command_line_refuses_an_unknown_method_before_training(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "Unknown method 'qlora'" in done.stderr
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_peft_lorafa_fp32_runs_peft_step_without_its_bf16_autocast(monkeypatch):
+    import peft.optimizers.lorafa as peft_lorafa
+
+    task = accuracy.SST2(max_length=16)
+    used: list[torch.dtype] = []
+    autocast = peft_lorafa.autocast
+
+    def recording_autocast(*args, **kwargs):
+        used.append(kwargs.get("dtype"))
+        return autocast(*args, **kwargs)
+
+    monkeypatch.setattr(peft_lorafa, "autocast", recording_autocast)
+    monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda *_: True)  # as on any recent CPU or GPU
+    for method, expected in (("peft_lorafa", [torch.bfloat16]), ("peft_lorafa_fp32", [])):
+        torch.manual_seed(0)
+        model, optimizer = accuracy.build(method, tiny_bert(task.tokenizer.vocab_size), task, 4, 1e-3, 0.0)
+        model(**task.collate(ROWS[:4])).loss.backward()
+        used.clear()
+        optimizer.step()
+        assert set(used) == set(expected), method
+        assert peft_lorafa.is_bf16_available() is True  # restored after the step
+    assert accuracy.method_kind("peft_lorafa_fp32") == "peft_lorafa"
