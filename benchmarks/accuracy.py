@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import functools
 import gc
 import json
 import math
@@ -43,6 +42,7 @@ import platform
 import random
 import statistics
 import time
+import types
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,8 +384,7 @@ def step_without_bf16(optimizer: torch.optim.Optimizer) -> None:
 
     step = optimizer.step
 
-    @functools.wraps(step)
-    def step_in_fp32(*args: Any, **kwargs: Any) -> Any:
+    def step_in_fp32(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         available = peft_lorafa.is_bf16_available
         peft_lorafa.is_bf16_available = lambda *_: False
         try:
@@ -393,7 +392,7 @@ def step_without_bf16(optimizer: torch.optim.Optimizer) -> None:
         finally:
             peft_lorafa.is_bf16_available = available
 
-    optimizer.step = step_in_fp32
+    optimizer.step = types.MethodType(step_in_fp32, optimizer)  # a bound method, as LR schedulers expect
 
 
 def correct_updates(optimizer: torch.optim.Optimizer, layers: dict[nn.Parameter, nn.Module]) -> None:

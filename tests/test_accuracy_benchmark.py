@@ -266,9 +266,11 @@ def test_peft_lorafa_fp32_runs_peft_step_without_its_bf16_autocast(monkeypatch):
     for method, expected in (("peft_lorafa", [torch.bfloat16]), ("peft_lorafa_fp32", [])):
         torch.manual_seed(0)
         model, optimizer = accuracy.build(method, tiny_bert(task.tokenizer.vocab_size), task, 4, 1e-3, 0.0)
+        scheduler = accuracy.linear_schedule(optimizer, warmup=1, total=4)  # wraps optimizer.step, as in a run
         model(**task.collate(ROWS[:4])).loss.backward()
         used.clear()
         optimizer.step()
+        scheduler.step()
         assert set(used) == set(expected), method
         assert peft_lorafa.is_bf16_available() is True  # restored after the step
     assert accuracy.method_kind("peft_lorafa_fp32") == "peft_lorafa"
