@@ -312,8 +312,9 @@ TASKS = {"sst2": SST2, "alpaca": Alpaca}
 
 
 # ----------------------------------------------------------------------------- methods
-def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dropout: float):
-    """Set ``model`` up for ``method``; returns ``(model, optimizer)``."""
+def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dropout: float, seed: int = 0):
+    """Set ``model`` up for ``method``; returns ``(model, optimizer)``. ``seed`` draws our A (PEFT draws its A from
+    the global generator, which ``run`` seeds with the same seed)."""
     kind = method_kind(method)
     alpha = 2 * r
     if kind == "full":
@@ -347,7 +348,7 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
         dropout=lora_dropout,
         target_modules=task.targets,
         modules_to_save=task.modules_to_save,
-        **variant.lorafa,
+        **{"seed": seed, **variant.lorafa},
     )
     if variant.init_a in ("principal", "minor"):
         for layer in lorafa_layers(model).values():
@@ -540,7 +541,7 @@ def run(
     torch.manual_seed(seed)
     random.seed(seed)
     model = task.load_model()
-    model, optimizer = build(method, model, task, r, lr, args["lora_dropout"])
+    model, optimizer = build(method, model, task, r, lr, args["lora_dropout"], seed)
     model.to(device)
     data_aware_a = VARIANTS[method].data_aware_a if method_kind(method) == "ours" else None
     if data_aware_a == "whitened":

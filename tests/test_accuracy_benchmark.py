@@ -274,3 +274,18 @@ def test_peft_lorafa_fp32_runs_peft_step_without_its_bf16_autocast(monkeypatch):
         assert set(used) == set(expected), method
         assert peft_lorafa.is_bf16_available() is True  # restored after the step
     assert accuracy.method_kind("peft_lorafa_fp32") == "peft_lorafa"
+
+
+def test_the_run_seed_draws_our_A():
+    """Each seed is a new draw of everything random, A included (PEFT's A comes from the seeded global generator)."""
+    from lightning_lorafa.convert import layer_seed
+    from lightning_lorafa.init import draw_lora_A
+
+    task = accuracy.SST2(max_length=16)
+    drawn = {}
+    for seed in (0, 3):
+        model, _ = accuracy.build("ours", tiny_bert(64), task, r=4, lr=1e-3, lora_dropout=0.0, seed=seed)
+        drawn[seed] = {name: layer.lora_A.clone() for name, layer in accuracy.lorafa_layers(model).items()}
+        for name, lora_A in drawn[seed].items():
+            torch.testing.assert_close(lora_A, draw_lora_A(4, lora_A.shape[1], layer_seed(seed, name)), rtol=0, atol=0)
+    assert not any(torch.equal(drawn[0][name], drawn[3][name]) for name in drawn[0])
