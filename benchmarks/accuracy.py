@@ -421,6 +421,40 @@ def correct_updates(optimizer: torch.optim.Optimizer, layers: dict[nn.Parameter,
     optimizer.register_step_post_hook(correct)
 
 
+def input_moments(
+    model: nn.Module, task: Task, rows: list, device: torch.device, n_batches: int, backward: bool = False
+) -> dict[nn.Module, torch.Tensor]:
+    """``E[x x^T]`` (d_in, d_in) of each LoRA-FA layer's input x over the first ``n_batches`` batches of ``rows``
+    (eval-mode forwards); with ``backward``, each batch's loss is backpropagated too."""
+    sums: dict[nn.Module, list] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, module.lora_A.shape[1]).float()
+        acc = sums.setdefault(module, [0.0, 0])
+        acc[0] = acc[0] + x.t() @ x
+        acc[1] += x.shape[0]
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in lorafa_layers(model).values()]
+    was_training = model.training
+    model.eval()
+    for batch in task.batches(rows, list(range(len(rows)))[: 32 * n_batches], 32):
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        if backward:
+            loss.backward()
+    model.train(was_training)
+    for handle in handles:
+        handle.remove()
+    return {module: total / count for module, (total, count) in sums.items()}
+
+
+def inverse_sqrt(moment: torch.Tensor) -> torch.Tensor:
+    """``moment^{-1/2}`` (r, r) of a symmetric positive semi-definite matrix, eigenvalues under 1e-6 of the largest
+    raised to that floor."""
+    values, vectors = torch.linalg.eigh(moment)
+    values = values.clamp_min(1e-6 * values.max())
+    return vectors @ torch.diag(values.rsqrt()) @ vectors.t()
+
+
 def gradient_lora_A(
     model: nn.Module, task: Task, rows: list, device: torch.device, whiten: bool, n_batches: int = 8
 ) -> None:
@@ -429,46 +463,24 @@ def gradient_lora_A(
     then whitened over the inputs so that ``h = x A^T`` has Kaiming A's mean ``E|h|^2`` in every direction
     (``whiten``), or scaled so that ``E|h|^2`` is Kaiming A's."""
     layers = list(lorafa_layers(model).values())
-    second: dict[nn.Module, list] = {}
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, module.lora_A.shape[1]).float()
-        acc = second.setdefault(module, [0.0, 0])
-        acc[0] = acc[0] + x.t() @ x
-        acc[1] += x.shape[0]
-
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
     for layer in layers:
         layer.base.weight.requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    for batch in task.batches(rows, list(range(len(rows)))[: 32 * n_batches], 32):
-        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
-    model.train(was_training)
-    for handle in handles:
-        handle.remove()
+    sigmas = input_moments(model, task, rows, device, n_batches, backward=True)
     with torch.no_grad():
         for layer in layers:
             weight = layer.base.weight
             grad = weight.grad.float()
             weight.grad = None
             weight.requires_grad_(False)
-            total, count = second[layer]
-            sigma = total / count
-            a_k = layer.lora_A.float()
+            sigma, a_k = sigmas[layer], layer.lora_A.float()
             energy = (a_k @ sigma @ a_k.t()).trace()
             r = a_k.shape[0]
             a_g = torch.linalg.svd(grad, full_matrices=False).Vh[:r]
             h = a_g @ sigma @ a_g.t()
-            if whiten:
-                values, vectors = torch.linalg.eigh(h)
-                values = values.clamp_min(1e-6 * values.max())
-                new = vectors @ torch.diag(values.rsqrt()) @ vectors.t() @ a_g * (energy / r).sqrt()
-            else:
-                new = a_g * (energy / h.trace()).sqrt()
+            new = inverse_sqrt(h) @ a_g * (energy / r).sqrt() if whiten else a_g * (energy / h.trace()).sqrt()
             layer.lora_A.copy_(new.to(layer.lora_A.dtype))
     for p in trainable:
         p.requires_grad_(True)
@@ -478,32 +490,12 @@ def gradient_lora_A(
 def whiten_lora_A(model: nn.Module, task: Task, rows: list, device: torch.device, n_batches: int = 8) -> None:
     """Data-aware A with the same row space: A (r, d_in) becomes ``M A``, where ``M`` (r, r) whitens
     ``h = x A^T`` over the first ``n_batches`` batches of ``rows`` (eval-mode forwards, no gradients):
-    ``M = c H^{-1/2}`` with ``H = E[h h^T]`` and ``c^2 = trace(H) / r``, so ``E|h|^2`` is kept. Eigenvalues of ``H``
-    under 1e-6 of its largest are raised to that floor."""
-    layers = list(lorafa_layers(model).values())
-    stats: dict[nn.Module, list] = {}
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, module.lora_A.shape[1]).float()
-        h = x @ module.lora_A.float().t()
-        acc = stats.setdefault(module, [0.0, 0])
-        acc[0] = acc[0] + h.t() @ h
-        acc[1] += x.shape[0]
-
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
-    was_training = model.training
-    model.eval()
-    for batch in task.batches(rows, list(range(len(rows)))[: 32 * n_batches], 32):
-        model(**{k: v.to(device) for k, v in batch.items()})
-    model.train(was_training)
-    for handle in handles:
-        handle.remove()
-    for layer, (total, count) in stats.items():
-        moment = total / count
-        values, vectors = torch.linalg.eigh(moment)
-        values = values.clamp_min(1e-6 * values.max())
-        m = vectors @ torch.diag(values.rsqrt()) @ vectors.t() * (moment.trace() / moment.shape[0]).sqrt()
-        layer.lora_A.copy_((m @ layer.lora_A.float()).to(layer.lora_A.dtype))
+    ``M = c H^{-1/2}`` with ``H = E[h h^T] = A E[x x^T] A^T`` and ``c^2 = trace(H) / r``, so ``E|h|^2`` is kept."""
+    for layer, sigma in input_moments(model, task, rows, device, n_batches).items():
+        a = layer.lora_A.float()
+        h = a @ sigma @ a.t()
+        m = inverse_sqrt(h) * (h.trace() / h.shape[0]).sqrt()
+        layer.lora_A.copy_((m @ a).to(layer.lora_A.dtype))
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
