@@ -53,9 +53,9 @@ from jsonargparse import CLI
 from torch import nn
 
 from lightning_lorafa import apply_lorafa, create_lorafa_optimizer, lorafa_layers
-from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.init import initialize_lora_A
 from lightning_lorafa.memory import measure_saved_activations
+from lightning_lorafa.prepare import keep_dropout_seeds
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -358,7 +358,7 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
     elif variant.init_a is not None:
         for layer in lorafa_layers(model).values():
             initialize_lora_A(layer, layer.seed, variant.init_a)
-    replace_dropout(model)
+    keep_dropout_seeds(model)
     if variant.train_norms_and_biases:
         for name, param in model.named_parameters():
             owner = name.rpartition(".")[0].rpartition(".")[2].lower()  # the module holding it

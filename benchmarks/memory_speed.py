@@ -43,8 +43,8 @@ from transformers import (
 
 from lightning_lorafa import apply_lorafa, apply_recompute, create_lorafa_optimizer
 from lightning_lorafa.attention import set_attention_implementation
-from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.memory import measure_saved_activations, measure_step
+from lightning_lorafa.prepare import keep_dropout_seeds
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -136,7 +136,7 @@ def prepare(
         apply_lorafa(model, r=r, alpha=2 * r, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
         set_attention_implementation(model, attn)
         if method != "ours, masks kept":  # "masks kept" = LoraFA(recompute_dropout=False): the model's own
-            replace_dropout(model)  # dropouts keep their masks; the LoRA-FA layers still keep a seed
+            keep_dropout_seeds(model)  # dropouts keep their masks; the LoRA-FA layers still keep a seed
         if method.startswith(RECOMPUTE_PREFIX):  # "ours, recompute=mlp" = LoraFA(recompute="mlp")
             apply_recompute(model, method.removeprefix(RECOMPUTE_PREFIX))
         return model, create_lorafa_optimizer(model, lr=1e-4)

@@ -1,8 +1,14 @@
-"""Choosing the attention implementation of a transformers model.
+"""The attention of transformers models: which implementation runs, and attention dropout that keeps a seed.
 
 ``set_attention_implementation(model, "auto")`` picks FlashAttention-2 where flash-attn, the model and the
 device allow it, otherwise PyTorch SDPA (whose own flash and memory-efficient kernels run on CUDA),
 otherwise eager, and switches already-built models with ``PreTrainedModel.set_attn_implementation``.
+
+``use_seeded_dropout_attention(model)`` switches models on ``"eager"`` or ``"sdpa"`` attention to
+``RECOMPUTED_DROPOUT_SDPA``: transformers' SDPA, except where a CPU training step drops attention
+probabilities, where ``_RecomputedDropoutAttention`` keeps q, k, v and a seed instead of the mask and the
+probabilities. The function is registered with transformers' ``AttentionInterface`` when first asked for,
+not at import.
 """
 
 from __future__ import annotations
@@ -11,14 +17,224 @@ import logging
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import is_flash_attn_2_available
 
-from lightning_lorafa.dropout import RECOMPUTED_DROPOUT_SDPA
+from lightning_lorafa import _compat
+from lightning_lorafa.dropout import _zero
+from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
+_registered = False
+
+
+class _RecomputedDropoutAttention(torch.autograd.Function):
+    """``dropout(softmax(q k^T * scaling + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only.
+
+    q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D). The products are ``bmm`` on (B * H, S, D) views
+    (what ``matmul`` runs underneath, so the values are the same bits, with less dispatch per call); q, k and v
+    are kept in that layout. Under CPU autocast, backward recomputes under the forward's autocast state.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        scaling: float,
+        p: float,
+        seed: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, heads, q_length, head_dim = query.shape
+        kv_length = key.shape[2]
+        query = query.reshape(batch * heads, q_length, head_dim)
+        key = key.reshape(batch * heads, kv_length, head_dim)
+        value = value.reshape(batch * heads, kv_length, value.shape[-1])
+        shape = (batch, heads, q_length, kv_length)
+        probs = _probabilities(query, key, bias, mask, scaling, shape)
+        ctx.save_for_backward(query, key, value, bias, mask, seed)
+        ctx.scaling, ctx.p, ctx.shape = scaling, p, shape
+        ctx.autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        dropped = _apply_masks(seed, p, probs)[0].view(batch * heads, q_length, kv_length)
+        return torch.bmm(dropped, value).view(batch, heads, q_length, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.autocast_dtype is None:
+            return _attention_backward(ctx, grad_out)
+        with torch.autocast("cpu", dtype=ctx.autocast_dtype):
+            return _attention_backward(ctx, grad_out)
+
+
+def _attention_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``_RecomputedDropoutAttention`` for q, k, v and the bias; the same op order as autograd's
+    for the eager composition (``matmul``, ``* scaling``, ``+ bias``, softmax, dropout, ``matmul``)."""
+    query, key, value, bias, mask, seed = ctx.saved_tensors
+    batch, heads, q_length, kv_length = shape = ctx.shape
+    probs = _probabilities(query, key, bias, mask, ctx.scaling, shape)
+    grad_out = grad_out.reshape(batch * heads, q_length, -1)
+    grad_probs = torch.bmm(grad_out, value.transpose(1, 2)).view(shape)
+    if grad_probs.dtype != probs.dtype:  # autocast: bf16 products, float32 probs (a float32 bias)
+        grad_probs = grad_probs.to(probs.dtype)
+    dropped, grad_probs = _apply_masks(seed, ctx.p, probs, grad_probs)
+    grad_value = torch.bmm(dropped.view(batch * heads, q_length, kv_length).transpose(1, 2), grad_out)
+    grad_scores = _compat.softmax_backward(grad_probs, probs, -1, probs.dtype)
+    grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
+    grad_scores = grad_scores.mul_(ctx.scaling) if grad_bias is None else grad_scores * ctx.scaling
+    grad_scores = grad_scores.view(batch * heads, q_length, kv_length)
+    grad_query = torch.bmm(grad_scores, key).view(batch, heads, q_length, -1)
+    # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
+    grad_key = torch.bmm(query.transpose(1, 2), grad_scores).transpose(1, 2).view(batch, heads, kv_length, -1)
+    return grad_query, grad_key, grad_value.view(batch, heads, kv_length, -1), grad_bias, None, None, None, None
+
+
+def _apply_masks(seed: torch.Tensor, p: float, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``dropout_mul(t, seed, p)`` for each of ``tensors`` (one shape and dtype): in eager mode the mask is
+    built once and applied to all, scaled in float32 as ``dropout_mul`` does (``addcmul``); under
+    ``torch.compile``, the ``dropout_mul`` custom op each."""
+    if torch.compiler.is_compiling():
+        return [dropout_mul(t, seed, p) for t in tensors]
+    first = tensors[0]
+    kept, zero, scale = dropout_mask(first.shape, seed, p, first.dtype), _zero(first.dtype, first.device), keep_scale(p)
+    return [torch.addcmul(zero, t, kept, value=scale) for t in tensors]
+
+
+def _probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scaling: float,
+    shape: tuple[int, int, int, int],
+) -> torch.Tensor:
+    """``softmax(q k^T * scaling + bias + mask)``: q (B * H, Sq, D), k (B * H, Sk, D) -> (B, H, Sq, Sk), in the
+    order eager attention uses; bool masks: True attends. In place on the fresh scores where dtypes agree
+    (the same rounding); a bias or mask of another dtype promotes, as ``+`` does."""
+    scores = torch.bmm(query, key.transpose(1, 2)).view(shape).mul_(scaling)
+    if bias is not None:
+        scores = scores.add_(bias) if bias.dtype == scores.dtype else scores + bias
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
+    return torch.softmax(scores, dim=-1)
+
+
+def recomputed_dropout_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function for ``AttentionInterface``: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, Sq, H, D).
+
+    transformers' SDPA, unless the step trains with attention dropout on CPU, where SDPA's math fallback
+    would keep the mask and two (B, H, Sq, Sk) probability tensors: there ``_RecomputedDropoutAttention``
+    keeps q, k, v, the bias/mask inputs and a seed. (On CUDA, SDPA's flash and memory-efficient kernels
+    already keep RNG state instead of a mask.) Raises ``ValueError`` for ``softcap``, like SDPA.
+    """
+    if dropout == 0.0 or query.device.type != "cpu":
+        return _compat.sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            position_bias=position_bias,
+            **kwargs,
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"`{RECOMPUTED_DROPOUT_SDPA}` attention does not support `softcap`.")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _compat.repeat_kv(key, groups), _compat.repeat_kv(value, groups)
+    q_length, kv_length = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and q_length > 1:
+        ones = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
+        attention_mask = ones.tril(kv_length - q_length)  # (Sq, Sk), True attends
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    seed = draw_seed(query.device)
+    out = _RecomputedDropoutAttention.apply(query, key, value, position_bias, attention_mask, scaling, dropout, seed)
+    return out.transpose(1, 2).contiguous(), None
+
+
+
+
+
+
+def register_seeded_dropout_attention() -> bool:
+    """Register ``recomputed_dropout_sdpa`` (and SDPA's mask builder) as ``RECOMPUTED_DROPOUT_SDPA`` with
+    transformers, once; False when transformers' SDPA function could not be imported (``_compat``)."""
+    if not _compat.HAS_SDPA_ATTENTION:
+        _compat.warn_missing("sdpa_attention")
+        return False
+    global _registered
+    if not _registered:
+        AttentionInterface.register(RECOMPUTED_DROPOUT_SDPA, recomputed_dropout_sdpa)
+        AttentionMaskInterface.register(RECOMPUTED_DROPOUT_SDPA, _compat.sdpa_mask)
+        _registered = True
+    return True
+
+
+def use_seeded_dropout_attention(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Switch every transformers model in ``model`` that runs ``"eager"`` or ``"sdpa"`` attention to
+    ``RECOMPUTED_DROPOUT_SDPA`` (attention weights are then not returned, as with SDPA).
+
+    Returns ``(switched, kept)``: the names switched (``"<module name>.attn_implementation"``), and the models
+    left on their own attention by name with the reason (no SDPA support, softcapped attention, an
+    implementation such as FlashAttention that regenerates its dropout mask itself, or a model that refused).
+    """
+    switched: list[str] = []
+    kept: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        label = f"{name}.attn_implementation" if name else "attn_implementation"
+        current = _compat.attn_implementation(module)
+        if current == RECOMPUTED_DROPOUT_SDPA:
+            continue
+        reason = _why_not_seeded(module, current)
+        if reason is None and not register_seeded_dropout_attention():
+            reason = f"transformers' SDPA attention function is missing ({_compat.missing_features['sdpa_attention']})"
+        if reason is None:
+            try:
+                module.set_attn_implementation(RECOMPUTED_DROPOUT_SDPA)
+            except (ValueError, ImportError, NotImplementedError) as error:
+                reason = f"it refused: {error}"
+            else:
+                if _compat.attn_implementation(module) == RECOMPUTED_DROPOUT_SDPA:
+                    switched.append(label)
+                    continue
+                reason = "it kept its attention implementation"
+        kept[name or type(module).__name__] = f"{type(module).__name__} ({current}): {reason}"
+    return switched, kept
+
+
+def _why_not_seeded(model: PreTrainedModel, current: str | None) -> str | None:
+    """Why ``model``'s attention cannot become ``RECOMPUTED_DROPOUT_SDPA``, or None when it can."""
+    if current not in ("eager", "sdpa"):
+        return f"runs {current!r} attention, which is left alone"
+    if not _compat.supports_attention(model, "sdpa"):
+        return "does not support SDPA attention"
+    if getattr(model.config, "attn_logit_softcapping", None) is not None:
+        return "softcaps its attention scores, which SDPA does not do"
+    return None
 
 
 def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
@@ -63,12 +279,13 @@ def set_attention_implementation(
     device = torch.device(device)
     chosen = [_choose(target, implementation, device) for target in targets]
     for target, name in zip(targets, chosen, strict=True):
-        if target.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA and name in ("sdpa", "eager"):
+        if _compat.attn_implementation(target) == RECOMPUTED_DROPOUT_SDPA and name in ("sdpa", "eager"):
             name = RECOMPUTED_DROPOUT_SDPA
+            register_seeded_dropout_attention()
         target.set_attn_implementation(name)
-        if target.config._attn_implementation != name:
+        if _compat.attn_implementation(target) != name:
             raise ValueError(f"{type(target).__name__} cannot switch its attention implementation to {name!r}.")
-    result = targets[0].config._attn_implementation
+    result = _compat.attn_implementation(targets[0])
     log.info("attention implementation: %s (requested %r, device %s)", result, implementation, device)
     return result
 
@@ -79,16 +296,16 @@ def _choose(model: PreTrainedModel, implementation: str, device: torch.device) -
     flash_device = device.type == "cuda" and torch.cuda.is_available()
     flash_device = flash_device and torch.cuda.get_device_capability(device)[0] >= 8
     if implementation == "auto":
-        if model._supports_flash_attn and flash_device and is_flash_attn_2_available():
+        if _compat.supports_attention(model, "flash_attention_2") and flash_device and is_flash_attn_2_available():
             return "flash_attention_2"
-        return "sdpa" if model._supports_sdpa else "eager"
+        return "sdpa" if _compat.supports_attention(model, "sdpa") else "eager"
     if implementation == "flash_attention_2":
-        if not model._supports_flash_attn:
+        if not _compat.supports_attention(model, "flash_attention_2"):
             raise ValueError(f"{name} does not support flash_attention_2; use 'sdpa' or 'auto'.")
         if not is_flash_attn_2_available():
             raise ValueError("flash_attention_2 needs flash-attn (`pip install lightning-lorafa[flash]`); use 'sdpa'.")
         if not flash_device:
             raise ValueError(f"flash_attention_2 needs a CUDA GPU of compute capability 8.0+, not {device}.")
-    if implementation == "sdpa" and not model._supports_sdpa:
+    if implementation == "sdpa" and not _compat.supports_attention(model, "sdpa"):
         raise ValueError(f"{name} does not support sdpa; use 'eager' or 'auto'.")
     return implementation

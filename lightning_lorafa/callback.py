@@ -23,11 +23,11 @@ from lightning_lorafa.distributed import (
     keep_lora_A_out_of_ddp_buffer_sync,
     prepare_for_strategy,
 )
-from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.init import check_init_a
 from lightning_lorafa.layer import is_quantized
 from lightning_lorafa.memory import SavedActivationRecorder
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
+from lightning_lorafa.prepare import keep_dropout_seeds
 from lightning_lorafa.quantization import keep_no_quantized_inputs
 from lightning_lorafa.recompute import Recompute, apply_recompute, check_recompute, check_recompute_strategy
 
@@ -184,7 +184,7 @@ class LoraFA(pl.Callback):
                 )
                 rank_zero_info(f"LoRA-FA: attention implementation {chosen} (asked for {self.attn_implementation!r}).")
             if self.recompute_dropout:
-                changed = replace_dropout(model)
+                changed = keep_dropout_seeds(model)
                 rank_zero_info(f"LoRA-FA: {len(changed)} dropouts keep a seed instead of a mask (recompute_dropout).")
         else:
             names = get_lorafa_config(model).target_modules

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from lightning_lorafa.init import check_init_a, initialize_lora_A
+from lightning_lorafa.init import check_init_a
 from lightning_lorafa.layer import LoraFALinear, check_lora_arguments
 
 #: Module names treated as output heads: "all-linear" leaves them alone (train them with ``modules_to_save``).
@@ -177,10 +177,8 @@ def apply_lorafa(
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         layer = LoraFALinear(
-            modules[name], r, alpha, dropout=dropout, use_rslora=use_rslora, seed=layer_seed(seed, name)
+            modules[name], r, alpha, dropout=dropout, use_rslora=use_rslora, seed=layer_seed(seed, name), init_a=init_a
         )
-        if init_a != "kaiming" and layer.lora_A.device.type != "meta":
-            initialize_lora_A(layer, layer.seed, init_a)
         setattr(parent, child, layer)
 
     for param_name, param in model.named_parameters():

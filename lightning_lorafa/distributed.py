@@ -26,16 +26,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.strategies.model_parallel import (
-    _distributed_checkpoint_load,
-    _is_sharded_checkpoint,
-    _rekey_optimizer_state_if_needed,
-)
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 
+from lightning_lorafa import _compat
 from lightning_lorafa.checkpoint import atomic_write, check_adapter_state
 from lightning_lorafa.convert import lorafa_layers
 
@@ -94,10 +89,7 @@ def keep_lora_A_out_of_ddp_buffer_sync(module: nn.Module) -> list[str]:
     buffers are still broadcast. Call it before DDP wraps the module.
     """
     names = [f"{name}.lora_A" for name in lorafa_layers(module)]
-    ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
-    ignored += [name for name in names if name not in ignored]
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
-    return names
+    return names if _compat.ddp_ignore_params_and_buffers(module, names) else []
 
 
 def check_no_frozen_parameters(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule) -> None:
@@ -214,17 +206,23 @@ class LoraFAModelParallelStrategy(ModelParallelStrategy):
         )
 
         assert self.model is not None
+        if not _compat.HAS_SHARDED_CHECKPOINTS:
+            raise RuntimeError(
+                "LoraFAModelParallelStrategy cannot load checkpoints with this Lightning version: "
+                f"{_compat.missing_features['sharded_checkpoints']}. Install lightning 2.5-2.6, or resume with "
+                "ModelParallelStrategy and LoraFA(adapter_only_checkpoints=False)."
+            )
         path = Path(self.broadcast(checkpoint_path))
         keys = self._adapter_keys()
         own = {key: value for key, value in get_model_state_dict(self.model).items() if key in keys}
-        if _is_sharded_checkpoint(path):
-            _distributed_checkpoint_load({"state_dict": own}, path)
+        if _compat.is_sharded_checkpoint(path):
+            _compat.distributed_checkpoint_load({"state_dict": own}, path)
             set_model_state_dict(self.model, own, options=StateDictOptions(strict=False))
             for idx, optimizer in enumerate(self.optimizers):
                 state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
-                _distributed_checkpoint_load(state, path)
+                _compat.distributed_checkpoint_load(state, path)
                 set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{idx}"])
-            return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+            return torch.load(path / _compat.CHECKPOINT_METADATA_FILENAME, weights_only=weights_only)
 
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
         saved = {key: value for key, value in checkpoint.pop("state_dict").items()}
@@ -233,6 +231,6 @@ class LoraFAModelParallelStrategy(ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.model, saved, options=options)
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            state = _rekey_optimizer_state_if_needed(state, self.model)
+            state = _compat.rekey_optimizer_state_if_needed(state, self.model)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
         return checkpoint

@@ -20,18 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._C._autograd import _pop_saved_tensors_default_hooks as _pop_saved_tensors_hooks
-from torch._C._autograd import _push_saved_tensors_default_hooks as _push_saved_tensors_hooks
-from torch._C._autograd import _saved_tensors_hooks_is_enabled as _saved_tensors_hooks_enabled
-from torch._C._autograd import _top_saved_tensors_default_hooks as _top_saved_tensors_hooks
 from torch.overrides import handle_torch_function, has_torch_function_unary
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lightning_lorafa import _compat
 from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale, uses_triton
-
-RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
 
 
 class _SeededDropout(torch.autograd.Function):
@@ -76,7 +68,7 @@ def _mask_multiply(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) 
     ``nn.Dropout``, for half-precision ``x``.
     """
     mask = dropout_mask(x.shape, seed, p, x.dtype)
-    outer = _top_saved_tensors_hooks(False)
+    outer = _compat.top_saved_tensors_hooks(False)
     outer_pack, outer_unpack = (None, None) if outer is None else outer
 
     def pack(saved: torch.Tensor) -> _SavedMask | torch.Tensor:
@@ -84,13 +76,13 @@ def _mask_multiply(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) 
             return saved
         return _SavedMask(seed if outer_pack is None else outer_pack(seed), outer_unpack, mask, p)
 
-    _push_saved_tensors_hooks(pack, _rebuild_mask)
+    _compat.push_saved_tensors_hooks(pack, _rebuild_mask)
     try:
         if scale == 1.0:
             return x * mask
         return torch.addcmul(_zero(x.dtype, x.device), x, mask, value=scale)
     finally:
-        _pop_saved_tensors_hooks()
+        _compat.pop_saved_tensors_hooks()
 
 
 _zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -128,7 +120,7 @@ def apply_seeded_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
     seed = draw_seed(x.device)
     if (
         torch.compiler.is_compiling()
-        or not _saved_tensors_hooks_enabled()
+        or not _compat.saved_tensors_hooks_enabled()
         or x.numel() >= (FUSED_MIN_NUMEL if uses_triton(x) else CPU_FUSED_MIN_NUMEL)
     ):
         return _SeededDropout.apply(x, seed, p, scale)
@@ -169,160 +161,11 @@ class RecomputedDropout(nn.Module):
         return f"p={self.p}"
 
 
-class _RecomputedDropoutAttention(torch.autograd.Function):
-    """``dropout(softmax(q k^T * scaling + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only.
-
-    q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D). The products are ``bmm`` on (B * H, S, D) views
-    (what ``matmul`` runs underneath, so the values are the same bits, with less dispatch per call); q, k and v
-    are kept in that layout. Under CPU autocast, backward recomputes under the forward's autocast state.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        bias: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        scaling: float,
-        p: float,
-        seed: torch.Tensor,
-    ) -> torch.Tensor:
-        batch, heads, q_length, head_dim = query.shape
-        kv_length = key.shape[2]
-        query = query.reshape(batch * heads, q_length, head_dim)
-        key = key.reshape(batch * heads, kv_length, head_dim)
-        value = value.reshape(batch * heads, kv_length, value.shape[-1])
-        shape = (batch, heads, q_length, kv_length)
-        probs = _probabilities(query, key, bias, mask, scaling, shape)
-        ctx.save_for_backward(query, key, value, bias, mask, seed)
-        ctx.scaling, ctx.p, ctx.shape = scaling, p, shape
-        ctx.autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        dropped = _apply_masks(seed, p, probs)[0].view(batch * heads, q_length, kv_length)
-        return torch.bmm(dropped, value).view(batch, heads, q_length, -1)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if ctx.autocast_dtype is None:
-            return _attention_backward(ctx, grad_out)
-        with torch.autocast("cpu", dtype=ctx.autocast_dtype):
-            return _attention_backward(ctx, grad_out)
-
-
-def _attention_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of ``_RecomputedDropoutAttention`` for q, k, v and the bias; the same op order as autograd's
-    for the eager composition (``matmul``, ``* scaling``, ``+ bias``, softmax, dropout, ``matmul``)."""
-    query, key, value, bias, mask, seed = ctx.saved_tensors
-    batch, heads, q_length, kv_length = shape = ctx.shape
-    probs = _probabilities(query, key, bias, mask, ctx.scaling, shape)
-    grad_out = grad_out.reshape(batch * heads, q_length, -1)
-    grad_probs = torch.bmm(grad_out, value.transpose(1, 2)).view(shape)
-    if grad_probs.dtype != probs.dtype:  # autocast: bf16 products, float32 probs (a float32 bias)
-        grad_probs = grad_probs.to(probs.dtype)
-    dropped, grad_probs = _apply_masks(seed, ctx.p, probs, grad_probs)
-    grad_value = torch.bmm(dropped.view(batch * heads, q_length, kv_length).transpose(1, 2), grad_out)
-    grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-    grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
-    grad_scores = grad_scores.mul_(ctx.scaling) if grad_bias is None else grad_scores * ctx.scaling
-    grad_scores = grad_scores.view(batch * heads, q_length, kv_length)
-    grad_query = torch.bmm(grad_scores, key).view(batch, heads, q_length, -1)
-    # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
-    grad_key = torch.bmm(query.transpose(1, 2), grad_scores).transpose(1, 2).view(batch, heads, kv_length, -1)
-    return grad_query, grad_key, grad_value.view(batch, heads, kv_length, -1), grad_bias, None, None, None, None
-
-
-def _apply_masks(seed: torch.Tensor, p: float, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """``dropout_mul(t, seed, p)`` for each of ``tensors`` (one shape and dtype): in eager mode the mask is
-    built once and applied to all, scaled in float32 as ``dropout_mul`` does (``addcmul``); under
-    ``torch.compile``, the ``dropout_mul`` custom op each."""
-    if torch.compiler.is_compiling():
-        return [dropout_mul(t, seed, p) for t in tensors]
-    first = tensors[0]
-    kept, zero, scale = dropout_mask(first.shape, seed, p, first.dtype), _zero(first.dtype, first.device), keep_scale(p)
-    return [torch.addcmul(zero, t, kept, value=scale) for t in tensors]
-
-
-def _probabilities(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    scaling: float,
-    shape: tuple[int, int, int, int],
-) -> torch.Tensor:
-    """``softmax(q k^T * scaling + bias + mask)``: q (B * H, Sq, D), k (B * H, Sk, D) -> (B, H, Sq, Sk), in the
-    order eager attention uses; bool masks: True attends. In place on the fresh scores where dtypes agree
-    (the same rounding); a bias or mask of another dtype promotes, as ``+`` does."""
-    scores = torch.bmm(query, key.transpose(1, 2)).view(shape).mul_(scaling)
-    if bias is not None:
-        scores = scores.add_(bias) if bias.dtype == scores.dtype else scores + bias
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    elif mask is not None:
-        scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
-    return torch.softmax(scores, dim=-1)
-
-
-def recomputed_dropout_sdpa(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    position_bias: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention function for ``AttentionInterface``: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, Sq, H, D).
-
-    transformers' SDPA, unless the step trains with attention dropout on CPU, where SDPA's math fallback
-    would keep the mask and two (B, H, Sq, Sk) probability tensors: there ``_RecomputedDropoutAttention``
-    keeps q, k, v, the bias/mask inputs and a seed. (On CUDA, SDPA's flash and memory-efficient kernels
-    already keep RNG state instead of a mask.) Raises ``ValueError`` for ``softcap``, like SDPA.
-    """
-    if dropout == 0.0 or query.device.type != "cpu":
-        return sdpa_attention_forward(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            is_causal=is_causal,
-            position_bias=position_bias,
-            **kwargs,
-        )
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"`{RECOMPUTED_DROPOUT_SDPA}` attention does not support `softcap`.")
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    q_length, kv_length = query.shape[2], key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and causal and q_length > 1:
-        ones = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
-        attention_mask = ones.tril(kv_length - q_length)  # (Sq, Sk), True attends
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    seed = draw_seed(query.device)
-    out = _RecomputedDropoutAttention.apply(query, key, value, position_bias, attention_mask, scaling, dropout, seed)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(RECOMPUTED_DROPOUT_SDPA, recomputed_dropout_sdpa)
-AttentionMaskInterface.register(RECOMPUTED_DROPOUT_SDPA, sdpa_mask)
-
-
 def replace_dropout(model: nn.Module) -> list[str]:
-    """Make every dropout in ``model`` keep a seed instead of a mask; return the dotted names changed.
+    """Make every ``nn.Dropout`` in ``model`` keep a seed instead of a mask; return the dotted names changed.
 
-    Each ``nn.Dropout`` becomes a ``RecomputedDropout`` with the same ``p`` and train/eval mode.
-    Attention-probability dropout, which transformers applies inside the attention function, is
-    handled by switching each transformers model on ``"eager"`` or ``"sdpa"`` attention to
-    ``RECOMPUTED_DROPOUT_SDPA`` (reported as ``"<model name>.attn_implementation"``; attention weights
-    are then not returned, as with SDPA). FlashAttention already regenerates its dropout mask.
+    Each becomes a ``RecomputedDropout`` with the same ``p`` and train/eval mode. Dropout applied inside a
+    transformers attention function is ``lightning_lorafa.attention``'s (``use_seeded_dropout_attention``).
     """
     changed = []
     for name, module in list(model.named_modules()):
@@ -331,8 +174,4 @@ def replace_dropout(model: nn.Module) -> list[str]:
                 replacement = RecomputedDropout(child.p).train(child.training)
                 setattr(module, child_name, replacement)
                 changed.append(f"{name}.{child_name}" if name else child_name)
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel) and module.config._attn_implementation in ("eager", "sdpa"):
-            module.set_attn_implementation(RECOMPUTED_DROPOUT_SDPA)
-            changed.append(f"{name}.attn_implementation" if name else "attn_implementation")
     return changed

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from lightning_lorafa.dropout import apply_seeded_mask
+from lightning_lorafa.init import check_init_a, initialize_lora_A
 from lightning_lorafa.kernels import keep_scale
 from lightning_lorafa.memory import register_weight_copy
 
@@ -68,18 +69,6 @@ class _CorrectedGradient(torch.autograd.Function):
         return (grad.float() @ correction).to(grad.dtype), None
 
 
-def init_lora_A(lora_A: torch.Tensor, seed: int) -> torch.Tensor:
-    """Fill ``lora_A`` (r, d_in) in place like PEFT's LoRA A (Kaiming-uniform, a=sqrt(5)), from ``seed``.
-
-    The draw happens on CPU in float32, so the same seed gives the same A on every device and dtype.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.empty(lora_A.shape, dtype=torch.float32)
-    nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
-    with torch.no_grad():
-        return lora_A.copy_(values)
-
-
 class LoraFALinear(nn.Module):
     """A frozen ``nn.Linear`` with a LoRA-FA branch: ``y = base(x) + s * dropout(x) A^T B^T``.
 
@@ -90,7 +79,11 @@ class LoraFALinear(nn.Module):
         dropout: probability of dropping entries of x on the branch, in [0, 1). Its mask is
             regenerated in backward from a seed, so it costs no activation memory.
         use_rslora: use rank-stabilised scaling ``alpha / sqrt(r)``.
-        seed: seed of A's Kaiming-uniform draw (A is a frozen buffer, saved in state dicts).
+        seed: seed of A's draw (A is a frozen buffer, saved in state dicts).
+        init_a: how A is drawn: ``"kaiming"`` (PEFT's LoRA A) or ``"orthogonal"`` (``lightning_lorafa.init``).
+
+    A layer built on the meta device (a model too large for a CPU copy) has no values yet: after
+    ``to_empty(device=...)``, ``reset_parameters()`` gives it exactly the A and B of a layer built on CPU.
 
     Attributes:
         lora_A: buffer (r, d_in), frozen.
@@ -115,9 +108,11 @@ class LoraFALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         seed: int = 0,
+        init_a: str = "kaiming",
     ) -> None:
         super().__init__()
         check_lora_arguments(r, alpha, dropout)
+        check_init_a(init_a)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__}.")
         if r > min(base.in_features, base.out_features):
@@ -127,18 +122,27 @@ class LoraFALinear(nn.Module):
             )
         self.base = base
         self.base.requires_grad_(False)
-        self.r, self.alpha, self.dropout, self.use_rslora, self.seed = r, alpha, float(dropout), use_rslora, seed
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.seed, self.init_a = seed, init_a
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         weight = base.weight
         full_precision = weight.is_floating_point() and not is_quantized(base)
         factory = {"device": weight.device, "dtype": weight.dtype if full_precision else torch.float32}
         self.register_buffer("lora_A", torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
-        if self.lora_A.device.type != "meta":
-            init_lora_A(self.lora_A, seed)
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
         self.merged = False
         self.correct_in_backward = False
         self._scaled_A: dict[tuple[torch.dtype, float], tuple[torch.Tensor, int, torch.Tensor]] = {}
+        if weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A (r, d_in) drawn from ``seed`` as ``init_a`` says, B (d_out, r) zero: the adapter of a fresh layer.
+        The base layer is a child module with its own ``reset_parameters``; it is left alone here."""
+        initialize_lora_A(self, self.seed, self.init_a)
+        self.lora_B.zero_()
+        self.merged = False
 
     @property
     def in_features(self) -> int:

@@ -9,8 +9,8 @@ exist whether or not backward runs, while activations are what training adds.
 
 from __future__ import annotations
 
+import inspect
 import statistics
-import sys
 import time
 import weakref
 from collections import Counter
@@ -114,7 +114,7 @@ class _CurrentOp(TorchFunctionMode):
 
 def _autograd_function_name() -> str | None:
     """Name of the custom ``autograd.Function`` whose ``apply`` is on the stack, if any."""
-    frame = sys._getframe(1)
+    frame = inspect.currentframe()
     while frame is not None:
         owner = frame.f_locals.get("cls")
         if frame.f_code.co_name == "apply" and isinstance(owner, type) and issubclass(owner, torch.autograd.Function):

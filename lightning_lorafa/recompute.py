@@ -280,7 +280,9 @@ def check_recompute_strategy(recompute: Recompute, strategy: object) -> None:
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if recompute != "none" and isinstance(strategy, FSDPStrategy) and strategy._activation_checkpointing_kwargs:
+    from lightning_lorafa._compat import strategy_checkpoints_activations
+
+    if recompute != "none" and isinstance(strategy, FSDPStrategy) and strategy_checkpoints_activations(strategy):
         raise ValueError(
             f"LoraFA(recompute={recompute!r}) with FSDPStrategy(activation_checkpointing_policy=...): the strategy "
             "checkpoints whole blocks already. Keep one: LoraFA(recompute='none') with the strategy's policy, or drop "

@@ -10,8 +10,8 @@ import torch
 from conftest import TwoLayerNet, tiny_llama, tiny_roberta, tiny_t5
 from torch import nn
 
-from lightning_lorafa.attention import set_attention_implementation
-from lightning_lorafa.dropout import RECOMPUTED_DROPOUT_SDPA, replace_dropout
+from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA, set_attention_implementation
+from lightning_lorafa.prepare import keep_dropout_seeds
 
 BUILDERS = {"roberta": tiny_roberta, "t5": tiny_t5, "llama": tiny_llama}
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -86,7 +86,7 @@ def test_wrapped_models_are_found_and_switched():
 @pytest.mark.parametrize("implementation", ["auto", "sdpa", "eager"])
 def test_recomputed_dropout_attention_survives_a_later_choice(implementation):
     model = tiny_roberta(dropout=0.1)
-    replace_dropout(model)
+    keep_dropout_seeds(model)
     assert set_attention_implementation(model, implementation) == RECOMPUTED_DROPOUT_SDPA
     assert model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
 

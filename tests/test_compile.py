@@ -9,7 +9,7 @@ from conftest import VOCAB, tiny_llama, tiny_roberta
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lorafa import LoraFA, lorafa_layers
-from lightning_lorafa.dropout import RECOMPUTED_DROPOUT_SDPA
+from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA
 
 
 class Tuned(pl.LightningModule):

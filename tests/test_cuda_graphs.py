@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lightning_lorafa import LoraFALinear
-from lightning_lorafa.dropout import RecomputedDropout, recomputed_dropout_sdpa
+from lightning_lorafa.attention import recomputed_dropout_sdpa
+from lightning_lorafa.dropout import RecomputedDropout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 

@@ -13,14 +13,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lightning_lorafa import LoraFALinear
 from lightning_lorafa import dropout as dropout_module
-from lightning_lorafa.dropout import (
-    RECOMPUTED_DROPOUT_SDPA,
-    RecomputedDropout,
-    _RecomputedDropoutAttention,
-    replace_dropout,
-)
+from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA, _RecomputedDropoutAttention
+from lightning_lorafa.dropout import RecomputedDropout
 from lightning_lorafa.kernels import draw_seed, dropout_mul, effective_p
 from lightning_lorafa.memory import measure_saved_activations
+from lightning_lorafa.prepare import keep_dropout_seeds
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
@@ -165,7 +162,7 @@ def test_model_loss_and_grads_identical_to_stored_mask_reference(build, cpu_fuse
     reference = copy.deepcopy(recomputed)
     input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = input_ids if recomputed.config.model_type == "llama" else torch.tensor([0, 1])
-    changed = replace_dropout(recomputed)
+    changed = keep_dropout_seeds(recomputed)
     assert changed[-1] == "attn_implementation"
     _stored_mask_copy(reference)
     loss, grads = _loss_and_grads(recomputed, input_ids, labels)
@@ -181,7 +178,7 @@ def test_model_loss_and_grads_identical_to_stored_mask_reference(build, cpu_fuse
 def test_replace_dropout_keeps_p_mode_and_eval_outputs(input_ids):
     model = tiny_roberta(dropout=0.1)
     expected = model(input_ids=input_ids).logits
-    changed = replace_dropout(model)
+    changed = keep_dropout_seeds(model)
     dropouts = [name for name, m in model.named_modules() if isinstance(m, RecomputedDropout)]
     assert changed == dropouts + ["attn_implementation"]
     assert len(dropouts) == 1 + 2 * 3 + 1  # embeddings, 3 per layer, classifier
@@ -189,13 +186,13 @@ def test_replace_dropout_keeps_p_mode_and_eval_outputs(input_ids):
     assert all(m.p == 0.1 and not m.training for m in model.modules() if isinstance(m, RecomputedDropout))
     assert model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
     assert torch.equal(model(input_ids=input_ids).logits, expected)
-    assert replace_dropout(model) == []
+    assert keep_dropout_seeds(model) == []
 
 
 @pytest.mark.parametrize("build", [tiny_t5, tiny_llama], ids=["t5", "llama"])
 def test_replace_dropout_switches_t5_and_llama_attention(build):
     model = build()
-    changed = replace_dropout(model)
+    changed = keep_dropout_seeds(model)
     assert "attn_implementation" in changed
     assert model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
 
@@ -205,7 +202,7 @@ def test_t5_training_forward_matches_sdpa_without_dropout_and_trains_with_it():
     model = tiny_t5().train()
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     expected = model(input_ids=ids, labels=ids).loss
-    replace_dropout(model)
+    keep_dropout_seeds(model)
     assert torch.equal(model(input_ids=ids, labels=ids).loss, expected)
     for module in model.modules():
         if hasattr(module, "relative_attention_num_buckets"):
@@ -227,7 +224,7 @@ def test_no_saved_tensor_is_a_dropout_mask_after_replace_dropout():
     model = tiny_roberta(dropout=0.1).train()
     before = saved(model)
     assert before.by_op["dropout"] > 0  # the check below can fail: nn.Dropout and SDPA's fallback keep masks
-    replace_dropout(model)
+    keep_dropout_seeds(model)
     after = saved(model)
     assert "dropout" not in after.by_op
     kept_by = {"_RecomputedDropoutAttention", "layer_norm", "linear", "gelu", "embedding", "tanh", "cross_entropy"}
@@ -257,7 +254,7 @@ def test_t5_trains_under_bf16_autocast_with_recomputed_attention_dropout():
     )
     model = T5ForConditionalGeneration(config).train()
     apply_lorafa(model, r=4, target_modules=["q", "k", "v", "o", "wi", "wo"], dropout=0.1)
-    replace_dropout(model)
+    keep_dropout_seeds(model)
     ids = torch.randint(1, 90, (2, 7))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss

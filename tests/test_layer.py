@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_lorafa import LoraFALinear
 from lightning_lorafa.kernels import draw_seed, dropout_mul, keep_scale
-from lightning_lorafa.layer import add_lora_fa_branch, init_lora_A
+from lightning_lorafa.layer import add_lora_fa_branch
 from lightning_lorafa.memory import measure_saved_activations
 
 
@@ -192,10 +192,33 @@ def test_base_must_be_linear():
         LoraFALinear(nn.Conv1d(3, 3, 1), r=1, alpha=1)
 
 
-def test_init_lora_A_is_device_and_dtype_independent():
-    a16 = init_lora_A(torch.empty(4, 12, dtype=torch.bfloat16), seed=9)
-    a32 = init_lora_A(torch.empty(4, 12), seed=9)
-    assert torch.equal(a16, a32.to(torch.bfloat16))
+def test_lora_A_is_dtype_independent():
+    a16 = LoraFALinear(nn.Linear(12, 6, dtype=torch.bfloat16), r=4, alpha=8, seed=9).lora_A
+    a32 = LoraFALinear(nn.Linear(12, 6), r=4, alpha=8, seed=9).lora_A
+    assert a16.dtype == torch.bfloat16 and torch.equal(a16, a32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("init_a", ["kaiming", "orthogonal"])
+def test_meta_layer_after_to_empty_and_reset_parameters_equals_a_cpu_built_layer(init_a):
+    cpu = LoraFALinear(nn.Linear(12, 6), r=4, alpha=8, seed=3, init_a=init_a)
+    with torch.device("meta"):
+        meta = LoraFALinear(nn.Linear(12, 6), r=4, alpha=8, seed=3, init_a=init_a)
+    assert meta.lora_A.is_meta and meta.lora_B.is_meta
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    assert torch.equal(meta.lora_A, cpu.lora_A)
+    assert torch.equal(meta.lora_B, torch.zeros(6, 4)) and meta.lora_B.requires_grad
+    assert not meta.lora_A.requires_grad and not meta.base.weight.requires_grad
+
+
+def test_reset_parameters_zeroes_a_trained_B_and_redraws_A():
+    layer = LoraFALinear(nn.Linear(12, 6), r=4, alpha=8, seed=3)
+    original = layer.lora_A.clone()
+    with torch.no_grad():
+        layer.lora_B.fill_(1.0)
+        layer.lora_A.mul_(2.0)
+    layer.reset_parameters()
+    assert torch.equal(layer.lora_A, original) and torch.equal(layer.lora_B, torch.zeros(6, 4))
 
 
 def test_autocast_casts_and_scales_A_once_while_it_is_unchanged():

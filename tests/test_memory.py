@@ -8,8 +8,8 @@ from conftest import VOCAB, tiny_roberta
 from torch import nn
 
 from lightning_lorafa import apply_lorafa
-from lightning_lorafa.dropout import replace_dropout
 from lightning_lorafa.memory import SavedActivationRecorder, measure_saved_activations, measure_step
+from lightning_lorafa.prepare import keep_dropout_seeds
 
 
 def test_mlp_saved_bytes_are_exact_and_weights_apart():
@@ -91,7 +91,7 @@ def test_lorafa_dropout_costs_no_activation_memory():
             target_modules=["query", "key", "value", "dense"],
             modules_to_save=["classifier"],
         )
-        replace_dropout(model)
+        keep_dropout_seeds(model)
         saved[lora_dropout] = measure_saved_activations(lambda m=model: m(input_ids=ids, labels=labels).loss, model)
     seeds = 8 * (2 * 6 - 3)  # an int64 seed per layer whose input needs a gradient (not the first q, k, v)
     assert saved[0.1].total_bytes == saved[0.0].total_bytes + seeds > seeds

@@ -23,8 +23,9 @@ from lightning_lorafa import (
     create_lorafa_optimizer,
     fully_shard_blocks,
 )
-from lightning_lorafa.dropout import RecomputedDropout, replace_dropout
+from lightning_lorafa.dropout import RecomputedDropout
 from lightning_lorafa.memory import measure_saved_activations
+from lightning_lorafa.prepare import keep_dropout_seeds
 from lightning_lorafa.recompute import check_recompute_strategy, find_mlps
 
 R = 4
@@ -55,7 +56,7 @@ def build(family: str, recompute: str) -> torch.nn.Module:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.1
     apply_lorafa(model, r=R, alpha=2 * R, dropout=0.1)
-    replace_dropout(model)
+    keep_dropout_seeds(model)
     randomize_lora_B(model)
     apply_recompute(model, recompute)
     return model
@@ -375,7 +376,7 @@ def fsdp1_trained(recompute: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = tiny_roberta(dropout=0.1).train()
     apply_lorafa(model, r=R, alpha=8, dropout=0.1, modules_to_save=["classifier"])
-    replace_dropout(model)
+    keep_dropout_seeds(model)
     apply_recompute(model, recompute)
     prepare_for_strategy(model, FSDPStrategy(use_orig_params=True))
     sharded = FullyShardedDataParallel(

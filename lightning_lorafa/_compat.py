@@ -1,0 +1,151 @@
+"""Every private API of torch, Lightning and transformers that lightning-lorafa uses, in one place.
+
+Each one is looked up here, inside a ``try`` block and behind a version check where its signature changed.
+When an upgrade moves or removes one, ``import lightning_lorafa`` still works: only the feature that needs it
+is disabled, with one warning naming the feature and what was missing (``missing_features``). The rest of the
+package imports these names from here, never from the other libraries directly (``tests/test_compat.py``
+checks that).
+
+Features, the private API each needs, and what happens without it:
+
+- ``saved_tensors_hooks`` (``torch._C._autograd``'s default-hooks stack): seed-kept dropout runs as a Python
+  ``autograd.Function`` instead of an ATen product under hooks (the same masks and values).
+- ``softmax_backward`` (``torch._softmax_backward_data``): the CPU attention's backward uses public ops.
+- ``sdpa_attention`` (``transformers.integrations.sdpa_attention``, ``masking_utils.sdpa_mask``): attention
+  dropout keeps its mask (the model's own attention runs).
+- ``sharded_checkpoints`` (``lightning.fabric.strategies.model_parallel``'s loaders):
+  ``LoraFAModelParallelStrategy`` cannot load checkpoints.
+- ``ddp_ignore_buffers`` (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``): DDP
+  broadcasts the frozen A at every step (correct, slower).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: Feature name -> why it is disabled, for every feature whose private API could not be found.
+missing_features: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _disable(feature: str, error: BaseException) -> None:
+    missing_features[feature] = f"{type(error).__name__}: {error}"
+
+
+def warn_missing(feature: str) -> None:
+    """Warn once that ``feature`` is off because its private API is missing (no-op when it is there)."""
+    if feature in missing_features and feature not in _warned:
+        _warned.add(feature)
+        warnings.warn(
+            f"lightning_lorafa: feature {feature!r} is disabled: {missing_features[feature]} "
+            "(a private API of an installed library moved; see lightning_lorafa/_compat.py). "
+            "Training still works; install the versions in pyproject.toml to get it back.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# ---------------------------------------------------------------- torch: default saved-tensor hooks
+try:
+    from torch._C._autograd import _pop_saved_tensors_default_hooks as pop_saved_tensors_hooks
+    from torch._C._autograd import _push_saved_tensors_default_hooks as push_saved_tensors_hooks
+    from torch._C._autograd import _saved_tensors_hooks_is_enabled as saved_tensors_hooks_enabled
+    from torch._C._autograd import _top_saved_tensors_default_hooks as top_saved_tensors_hooks
+
+    top_saved_tensors_hooks(False)  # the signature (ignore_is_tracing) of torch >= 2.1
+    HAS_SAVED_TENSORS_HOOKS = True
+except (ImportError, TypeError) as error:
+    _disable("saved_tensors_hooks", error)
+    HAS_SAVED_TENSORS_HOOKS = False
+    push_saved_tensors_hooks = pop_saved_tensors_hooks = top_saved_tensors_hooks = None
+
+    def saved_tensors_hooks_enabled() -> bool:
+        return False
+
+
+# ---------------------------------------------------------------- torch: softmax backward
+def _softmax_backward_from_public_ops(
+    grad: torch.Tensor, probs: torch.Tensor, dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``probs * (grad - sum(grad * probs, dim))``: the gradient of ``softmax`` with respect to its input."""
+    return (probs * (grad - (grad * probs).sum(dim, keepdim=True))).to(dtype)
+
+
+try:
+    softmax_backward: Callable[..., torch.Tensor] = torch._softmax_backward_data
+except AttributeError as error:
+    _disable("softmax_backward", error)
+    softmax_backward = _softmax_backward_from_public_ops
+
+
+# ---------------------------------------------------------------- transformers: the SDPA attention function
+try:
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    HAS_SDPA_ATTENTION = True
+except ImportError as error:
+    _disable("sdpa_attention", error)
+    HAS_SDPA_ATTENTION = False
+    repeat_kv = sdpa_attention_forward = sdpa_mask = None
+
+
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation a transformers model runs (``config._attn_implementation``)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def supports_attention(model: Any, implementation: str) -> bool:
+    """Whether a transformers model class declares support for ``"sdpa"`` or ``"flash_attention_2"``."""
+    flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}[implementation]
+    return bool(getattr(model, flag, False))
+
+
+# ---------------------------------------------------------------- Lightning: distributed checkpoint loading
+try:
+    from lightning.fabric.strategies.model_parallel import (
+        _distributed_checkpoint_load as distributed_checkpoint_load,
+    )
+    from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint as is_sharded_checkpoint
+    from lightning.fabric.strategies.model_parallel import (
+        _rekey_optimizer_state_if_needed as rekey_optimizer_state_if_needed,
+    )
+    from lightning.fabric.utilities.load import _METADATA_FILENAME as CHECKPOINT_METADATA_FILENAME
+
+    HAS_SHARDED_CHECKPOINTS = True
+except ImportError as error:
+    _disable("sharded_checkpoints", error)
+    HAS_SHARDED_CHECKPOINTS = False
+    distributed_checkpoint_load = is_sharded_checkpoint = rekey_optimizer_state_if_needed = None
+    CHECKPOINT_METADATA_FILENAME = "meta.pt"
+
+
+def strategy_checkpoints_activations(strategy: Any) -> bool:
+    """Whether a Lightning ``FSDPStrategy`` was given an ``activation_checkpointing_policy``."""
+    return bool(getattr(strategy, "_activation_checkpointing_kwargs", None))
+
+
+# ---------------------------------------------------------------- torch: DDP buffers to ignore
+def ddp_ignore_params_and_buffers(module: torch.nn.Module, names: list[str]) -> bool:
+    """Have DDP skip ``names`` (parameters or buffers of ``module``) in its syncs; False where torch lacks the API."""
+    setter = getattr(torch.nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if setter is None:
+        _disable("ddp_ignore_buffers", AttributeError("DistributedDataParallel has no _set_params_and_buffers_..."))
+        warn_missing("ddp_ignore_buffers")
+        return False
+    ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    setter(module, ignored + [name for name in names if name not in ignored])
+    return True
+
+
+def ddp_ignored_names(module: torch.nn.Module) -> list[str]:
+    """The parameter and buffer names DDP is told to skip on ``module``."""
+    return list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+
+
+for _feature in list(missing_features):
+    warn_missing(_feature)
