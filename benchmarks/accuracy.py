@@ -21,8 +21,8 @@ LoRA dropout ``--lora_dropout`` and the model's own dropouts on. Methods:
 - ``lora``: PEFT ``LoraConfig(r, lora_alpha=2r)`` on the target modules, head trained (``torch.optim.AdamW``).
 - ``peft_lorafa``: the same PEFT model trained with ``peft.optimizers.create_lorafa_optimizer``.
 - ``peft_lorafa_fp32``: the same, with the bf16 autocast PEFT puts around its gradient correction off.
-- ``ours``: the library's recommended settings: ``apply_lorafa`` + ``replace_dropout`` (what the ``LoraFA``
-  callback sets up) and ``create_lorafa_optimizer``. ``ours_*`` are the variants studied (``VARIANTS``).
+- ``ours``: the library's recommended settings: ``prepare_model`` (what the ``LoraFA`` callback runs on
+  ``setup``) and ``create_lorafa_optimizer``. ``ours_*`` are the variants studied (``VARIANTS``).
 
 Without ``--lr`` each method uses ``BEST_LR`` (chosen on the dev split by ``--sweep``); with ``--sweep true``
 each method first trains once per rate of its grid (``LR_GRID``, seed ``--sweep_seed``) scored on the dev split,
@@ -52,10 +52,9 @@ import torch
 from jsonargparse import CLI
 from torch import nn
 
-from lightning_lorafa import apply_lorafa, create_lorafa_optimizer, lorafa_layers
+from lightning_lorafa import LoraFASettings, create_lorafa_optimizer, lorafa_layers, prepare_model
 from lightning_lorafa.init import initialize_lora_A
 from lightning_lorafa.memory import measure_saved_activations
-from lightning_lorafa.prepare import keep_dropout_seeds
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -341,15 +340,16 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
             step_without_bf16(optimizer)
         return model, optimizer
     variant = VARIANTS[method]
-    apply_lorafa(
-        model,
+    settings = LoraFASettings(
         r=r,
         alpha=alpha,
         dropout=lora_dropout,
         target_modules=task.targets,
         modules_to_save=task.modules_to_save,
+        attn_implementation=None,  # every method runs the model's own (SDPA) attention
         **{"seed": seed, **variant.lorafa},
     )
+    prepare_model(model, settings)  # what LoraFA(**settings) runs on setup: conversion and seed-kept dropouts
     if variant.init_a in ("principal", "minor"):
         for layer in lorafa_layers(model).values():
             with torch.no_grad():
@@ -358,7 +358,6 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
     elif variant.init_a is not None:
         for layer in lorafa_layers(model).values():
             initialize_lora_A(layer, layer.seed, variant.init_a)
-    keep_dropout_seeds(model)
     if variant.train_norms_and_biases:
         for name, param in model.named_parameters():
             owner = name.rpartition(".")[0].rpartition(".")[2].lower()  # the module holding it

@@ -1,8 +1,8 @@
 """Activation memory and speed of Full-FT, PEFT LoRA, PEFT LoRA with frozen A, and LoRA-FA (ours).
 
 Every method gets the same model (built from a config with random weights: no download), batch, sequence,
-dropout and attention implementation. Ours is ``apply_lorafa`` + ``set_attention_implementation`` +
-``replace_dropout``, as the ``LoraFA`` callback sets it up.
+dropout and attention implementation. Ours is ``prepare_model`` (what the ``LoraFA`` callback runs on ``setup``)
+with ``create_lorafa_optimizer``.
 
     python benchmarks/memory_speed.py                       # CPU: saved-activation bytes and step time
     python benchmarks/memory_speed.py --device cuda         # GPU: bf16, paper settings, peak memory, tokens/s
@@ -41,10 +41,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from lightning_lorafa import apply_lorafa, apply_recompute, create_lorafa_optimizer
-from lightning_lorafa.attention import set_attention_implementation
+from lightning_lorafa import LoraFASettings, create_lorafa_optimizer, prepare_model
 from lightning_lorafa.memory import measure_saved_activations, measure_step
-from lightning_lorafa.prepare import keep_dropout_seeds
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -133,12 +131,17 @@ def prepare(
     """Set ``model`` up for ``method``; return it and its optimizer."""
     model.set_attn_implementation(attn)
     if method == "LoRA-FA (ours)" or method.startswith("ours, "):
-        apply_lorafa(model, r=r, alpha=2 * r, dropout=lora_dropout, target_modules=targets, modules_to_save=to_save)
-        set_attention_implementation(model, attn)
-        if method != "ours, masks kept":  # "masks kept" = LoraFA(recompute_dropout=False): the model's own
-            keep_dropout_seeds(model)  # dropouts keep their masks; the LoRA-FA layers still keep a seed
-        if method.startswith(RECOMPUTE_PREFIX):  # "ours, recompute=mlp" = LoraFA(recompute="mlp")
-            apply_recompute(model, method.removeprefix(RECOMPUTE_PREFIX))
+        settings = LoraFASettings(
+            r=r,
+            alpha=2 * r,
+            dropout=lora_dropout,
+            target_modules=targets,
+            modules_to_save=to_save or [],
+            attn_implementation=attn,
+            recompute_dropout=method != "ours, masks kept",  # the model's own dropouts keep their masks then
+            recompute=method.removeprefix(RECOMPUTE_PREFIX) if method.startswith(RECOMPUTE_PREFIX) else "none",
+        )
+        prepare_model(model, settings)  # what LoraFA(**settings) runs on setup
         return model, create_lorafa_optimizer(model, lr=1e-4)
     if method != "Full-FT":
         config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets)

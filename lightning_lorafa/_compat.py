@@ -124,6 +124,15 @@ except ImportError as error:
     CHECKPOINT_METADATA_FILENAME = "meta.pt"
 
 
+def is_placeholder_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is the stand-in Lightning uses when ``configure_optimizers`` returns None."""
+    try:
+        from lightning.pytorch.core.optimizer import _MockOptimizer
+    except ImportError:
+        return type(optimizer).__name__ == "_MockOptimizer"
+    return isinstance(optimizer, _MockOptimizer)
+
+
 def strategy_checkpoints_activations(strategy: Any) -> bool:
     """Whether a Lightning ``FSDPStrategy`` was given an ``activation_checkpointing_policy``."""
     return bool(getattr(strategy, "_activation_checkpointing_kwargs", None))

@@ -24,10 +24,11 @@ from transformers.utils import is_flash_attn_2_available
 from lightning_lorafa import _compat
 from lightning_lorafa.dropout import _zero
 from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale
+from lightning_lorafa.settings import ATTN_IMPLEMENTATIONS
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+IMPLEMENTATIONS = ATTN_IMPLEMENTATIONS
 RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
 _registered = False
 

@@ -1,8 +1,14 @@
 """Adapter-only state: what training changes (A, B, ``modules_to_save``), saved without the frozen base.
 
+One rule decides what an adapter holds (``adapter_keys``): every ``lora_A``/``lora_B`` and every entry of the
+``modules_to_save``. It serves ``save_adapter``/``load_adapter`` (safetensors files), the ``LoraFA`` callback's
+Lightning checkpoints (``keep_adapter_only``, ``fill_frozen_tensors``), ``load_from_checkpoint`` (a
+LightningModule from an adapter-only checkpoint) and ``LoraFAModelParallelStrategy`` (FSDP2).
+
 A is stored as a tensor (not only its seed), so a restored layer has exactly the A it trained with.
-Files are written to a temporary name and renamed into place, so a crash never leaves a half file; a file
-damaged some other way (a cut-off copy, an empty file, another format) is refused with its name.
+Files are written to a temporary name and renamed into place (``atomic_write``, ``AtomicCheckpointIO``), so a
+crash never leaves a half file; a file damaged some other way (a cut-off copy, an empty file, another format)
+is refused with its name.
 """
 
 from __future__ import annotations
@@ -10,10 +16,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -34,6 +44,48 @@ def adapter_keys(model: nn.Module, prefix: str = "") -> list[str]:
         if key.endswith((".lora_A", ".lora_B")) or key.startswith(save_roots)
     ]
     return [prefix + key for key in keys]
+
+
+def module_adapter_keys(module: nn.Module) -> list[str]:
+    """``adapter_keys`` of every converted model inside ``module`` (a LightningModule, say), with their prefixes."""
+    keys: list[str] = []
+    for name, sub in module.named_modules():
+        if getattr(sub, "lorafa_config", None) is not None and not any(key.startswith(f"{name}.") for key in keys):
+            keys += adapter_keys(sub, f"{name}." if name else "")
+    return keys
+
+
+def keep_adapter_only(state_dict: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """The entries of a LightningModule's ``state_dict`` that ``module_adapter_keys(module)`` names."""
+    keep = set(module_adapter_keys(module))
+    return {key: value for key, value in state_dict.items() if key in keep}
+
+
+def fill_frozen_tensors(module: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Before ``module.load_state_dict(state_dict)``: check the adapter tensors of ``state_dict`` (names,
+    shapes, rank) and fill in, in place, the frozen base tensors that an adapter-only checkpoint leaves out.
+
+    Raises:
+        ValueError: ``state_dict`` holds no LoRA-FA adapter at all (a checkpoint of training without LoRA-FA;
+            the message says how to start from its weights), or its adapter does not fit (keys named).
+    """
+    own = module.state_dict(prefix=prefix, keep_vars=True)
+    expected = {prefix + key: own[prefix + key] for key in module_adapter_keys(module)}
+    if not any(key.endswith((".lora_A", ".lora_B")) for key in state_dict):
+        raise ValueError(
+            "The checkpoint holds no LoRA-FA adapter (no lora_A/lora_B tensors): it was written by training "
+            "without LoraFA. To start LoRA-FA from its weights, load them into the model first (e.g. "
+            "MyModule.load_from_checkpoint(path) in a run without LoraFA, or "
+            "module.load_state_dict(torch.load(path)['state_dict'])), then call trainer.fit(module) with LoraFA "
+            "and without ckpt_path."
+        )
+    given = {
+        key: value for key, value in state_dict.items() if key in expected or key.endswith((".lora_A", ".lora_B"))
+    }
+    configs = [sub.lorafa_config for sub in module.modules() if getattr(sub, "lorafa_config", None) is not None]
+    check_adapter_state(expected, given, "The checkpoint", configs[0].r if configs else 0)
+    for key, value in own.items():
+        state_dict.setdefault(key, value.detach())
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -182,3 +234,84 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     model.load_state_dict(tensors, strict=False)
     return model
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file beside the target, ``fsync``, then rename it into place.
+
+    A run killed while writing leaves the previous checkpoint intact and, at worst, a hidden
+    ``.<name>.*.tmp`` file that ``ckpt_path="last"`` does not pick up. Lightning's own ``TorchCheckpointIO``
+    writes to the system temp directory and moves the file, which copies it in place (not atomic) when that
+    directory is on another filesystem. Remote (``scheme://``) paths fall back to Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+
+
+def saved_lorafa_config(checkpoint: Mapping[str, Any]) -> LoraFAConfig:
+    """The ``LoraFAConfig`` a ``LoraFA`` callback stored in a Lightning checkpoint (its callback state).
+
+    Raises:
+        ValueError: the checkpoint holds no ``LoraFA`` callback state (not written with the callback).
+    """
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("LoraFA") and isinstance(state, Mapping):
+            if "config" in state:
+                return LoraFAConfig(**state["config"])
+            lora = dict(state.get("lora", {}))
+            if lora:  # written before the resolved config was stored: convert with the settings themselves
+                lora.pop("exclude", None)
+                lora["modules_to_save"] = lora.get("modules_to_save") or []  # None meant none then
+                return LoraFAConfig(**lora)  # target_modules is resolved again on the fresh model
+    raise ValueError(
+        "The checkpoint holds no LoraFA callback state, so it was not written by training with LoraFA: load it "
+        "with MyModule.load_from_checkpoint(path) directly."
+    )
+
+
+def load_from_checkpoint(
+    module_class: type[ModuleT], checkpoint_path: str | os.PathLike, model_attr: str | None = None, **kwargs: Any
+) -> ModuleT:
+    """A LightningModule restored from an adapter-only checkpoint of ``LoraFA`` training, ready to predict.
+
+    ``module_class.load_from_checkpoint(path, strict=False, **kwargs)`` rebuilds the module from its saved
+    hyper-parameters (loading the frozen base model as its ``__init__`` does), the module's model is converted
+    with the settings stored in the checkpoint, and the adapter (A, B, ``modules_to_save``) is loaded and
+    checked key by key: the result gives the trained module's outputs. ``model_attr`` is the ``LoraFA``
+    callback's (default: the module's ``model`` attribute, else the module). ``kwargs`` go to Lightning's
+    ``load_from_checkpoint`` (``map_location``, hyper-parameter overrides).
+
+    Raises:
+        ValueError: the checkpoint was not written with ``LoraFA``, or its adapter does not fit the model.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    config = saved_lorafa_config(checkpoint)
+    with warnings.catch_warnings():  # it lists every frozen base tensor as missing: they come from the base model
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
+        module = module_class.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
+    attr = model_attr or ("model" if isinstance(getattr(module, "model", None), nn.Module) else None)
+    model = getattr(module, attr) if attr else module
+    prefix = f"{attr}." if attr else ""
+    if getattr(model, "lorafa_config", None) is None:
+        apply_lorafa(
+            model,
+            r=config.r,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            target_modules=config.target_modules,
+            modules_to_save=config.modules_to_save,
+            seed=config.seed,
+            use_rslora=config.use_rslora,
+            init_a=config.init_a,
+        )
+    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    own = model.state_dict()
+    check_adapter_state({k: own[k] for k in adapter_keys(model)}, state, f"The checkpoint {checkpoint_path}", config.r)
+    model.load_state_dict(state, strict=False)
+    return module

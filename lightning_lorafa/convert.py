@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from torch import nn
 
-from lightning_lorafa.init import check_init_a
-from lightning_lorafa.layer import LoraFALinear, check_lora_arguments
+from lightning_lorafa.layer import LoraFALinear
+from lightning_lorafa.settings import AdapterSettings, Targets, adapter_settings
+
+log = logging.getLogger(__name__)
 
 #: Module names treated as output heads: "all-linear" leaves them alone (train them with ``modules_to_save``).
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
-
-Targets = str | Iterable[str] | None
+#: Names of the fresh task heads of transformers' task models (sequence/token classification, QA).
+TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head")
 
 
 @dataclass
@@ -87,14 +91,11 @@ def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear"
         }
     names = [name for name in candidates if not (exclude is not None and name_matches(name, exclude))]
     if not names:
-        shown = ", ".join(_shorten(linears)) or "none"
-        raise ValueError(
-            f"target_modules={target_modules!r} (exclude={exclude!r}) matches no module of "
-            f"{type(model).__name__}. Its nn.Linear layers are: {shown}. Pass names or suffixes of those "
-            "(e.g. ['query', 'value']), a regex, or 'all-linear'."
-        )
+        raise ValueError(_no_match_message(model, linears, target_modules, exclude))
     modules = dict(model.named_modules())
-    wrong = [f"{name} ({type(modules[name]).__name__})" for name in names if not isinstance(modules[name], nn.Linear)]
+    wrong = [
+        f"{_path(name)} ({type(modules[name]).__name__})" for name in names if not isinstance(modules[name], nn.Linear)
+    ]
     if wrong:
         raise TypeError(
             f"LoRA-FA adapts nn.Linear layers only; target_modules={target_modules!r} matched: {', '.join(wrong)}. "
@@ -103,12 +104,38 @@ def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear"
     return names
 
 
-def _shorten(names: list[str], limit: int = 40) -> list[str]:
-    """Distinct last name components first (what users pass as suffixes), then a sample of full names."""
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+def _no_match_message(model: nn.Module, linears: list[str], target_modules: Targets, exclude: Targets) -> str:
+    """Why nothing matched, with suggestions drawn from the model's own linear layers."""
+    head = f"target_modules={target_modules!r} (exclude={exclude!r}) matches no module of {type(model).__name__}."
+    if not linears:
+        return f"{head} It has no nn.Linear layers, so there is nothing LoRA-FA can adapt."
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    hint = ""
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        by_suffix = [name for name in linears if name_matches(name, [target_modules])]
+        if by_suffix:
+            hint = (
+                f" A string is a regex that must match whole module names; {len(by_suffix)} layers end in "
+                f"{target_modules!r}: to match them by suffix pass a list, target_modules=[{target_modules!r}]."
+            )
+    example = suffixes[:2] if len(suffixes) >= 2 else suffixes
+    more = f" ... ({len(linears) - 40} more)" if len(linears) > 40 else ""
+    shown = f"suffixes {suffixes}, " + ", ".join(_path(name) for name in linears[:40]) + more
     return (
-        [f"suffixes {suffixes}"] + names[:limit] + ([f"... ({len(names) - limit} more)"] if len(names) > limit else [])
+        f"{head}{hint} Its nn.Linear layers are: {shown}. Pass names or suffixes of those (e.g. {example}), "
+        "a regex, or 'all-linear'."
     )
+
+
+def _path(name: str) -> str:
+    """A module name as users read it: numbered children (``nn.Sequential``, ``nn.ModuleList``) as ``[i]``."""
+    if not name:
+        return "(the model itself)"
+    parts = name.split(".")
+    text = parts[0] if not parts[0].isdigit() else f"model[{parts[0]}]"
+    for part in parts[1:]:
+        text += f"[{part}]" if part.isdigit() else f".{part}"
+    return text
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -121,63 +148,83 @@ def lorafa_layers(model: nn.Module) -> dict[str, LoraFALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraFALinear)}
 
 
-def apply_lorafa(
-    model: nn.Module,
-    r: int = 8,
-    alpha: float = 32,
-    dropout: float = 0.0,
-    target_modules: Targets = "all-linear",
-    exclude: Targets = None,
-    modules_to_save: Iterable[str] | None = None,
-    seed: int = 0,
-    use_rslora: bool = False,
-    init_a: str = "kaiming",
-) -> list[str]:
+def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, **overrides: Any) -> list[str]:
     """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers.
 
-    Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``
-    (names or suffixes, e.g. ``["classifier"]``), which train fully. A of the layer called ``name`` is
-    drawn from ``layer_seed(seed, name)`` as ``init_a`` says (``"kaiming"`` or ``"orthogonal"``, see
-    ``lightning_lorafa.init``). The applied settings are stored as ``model.lorafa_config``.
+    ``apply_lorafa(model, r=8, alpha=32, dropout=0.0, target_modules="all-linear", exclude=None,
+    modules_to_save=None, seed=0, use_rslora=False, init_a="kaiming")``: the keyword arguments are the fields of
+    ``AdapterSettings`` (``lightning_lorafa.settings``, with a help string each); an ``AdapterSettings`` (or a
+    ``LoraFA`` callback) may be passed instead, and keywords override its fields.
+
+    Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``, which
+    train fully. ``modules_to_save=None`` (the default) trains the model's fresh task head, found from its
+    structure (``find_task_heads``: a sequence/token-classification or QA head that ``all-linear`` leaves out and
+    that is not tied to the input embeddings), and logs it; ``[]`` trains none. A of the layer called ``name`` is
+    drawn from ``layer_seed(seed, name)`` as ``init_a`` says (``lightning_lorafa.init``). The applied settings are
+    stored as ``model.lorafa_config``. A model built on the meta device converts too: ``to_empty`` and each
+    layer's ``reset_parameters()`` then give exactly the adapters of a model built on CPU.
 
     Returns:
         The converted module names.
 
     Raises:
-        ValueError: bad ``r``/``alpha``/``dropout``, ``r`` larger than a target's ``min(d_in, d_out)``,
-            no module matches, a ``modules_to_save`` entry matches nothing, or the model is already converted.
-        TypeError: a target is not an ``nn.Linear``.
+        TypeError: an argument of the wrong type (named), an unknown keyword, or a target that is not an
+            ``nn.Linear``.
+        ValueError: an argument out of range (named), ``r`` larger than a target's ``min(d_in, d_out)``, no
+            module matches, a ``modules_to_save`` entry matches nothing, or the model is already converted.
 
     Nothing is changed when an error is raised.
     """
-    check_lora_arguments(r, alpha, dropout)
-    check_init_a(init_a)
+    settings = adapter_settings(settings, overrides, "apply_lorafa")
+    r = settings.r
     existing = lorafa_layers(model)
     if existing:
+        config = getattr(model, "lorafa_config", None)
+        with_what = f" with r={config.r}, alpha={config.alpha}" if isinstance(config, LoraFAConfig) else ""
         raise ValueError(
-            f"{type(model).__name__} already has {len(existing)} LoRA-FA layers (e.g. {next(iter(existing))}). "
-            "Convert a fresh model, or call merge_lorafa(model) first to fold the adapters into plain linears."
+            f"{type(model).__name__} already has {len(existing)} LoRA-FA layers{with_what} (e.g. "
+            f"{_path(next(iter(existing)))}). Convert a fresh model, or call merge_lorafa(model) first to fold the "
+            "adapters into plain linears."
         )
-    save_names = _resolve_modules_to_save(model, modules_to_save)
-    names = [name for name in find_target_modules(model, target_modules, exclude) if not _is_under(name, save_names)]
+    if settings.modules_to_save is None:
+        save_names = find_task_heads(model)
+        if save_names:
+            log.info(
+                "LoRA-FA: training the task head %s fully (found from the model's structure; modules_to_save=[] "
+                "freezes it).",
+                ", ".join(save_names),
+            )
+    else:
+        save_names = _resolve_modules_to_save(model, settings.modules_to_save)
+    target_modules = settings.target_modules
+    names = [n for n in find_target_modules(model, target_modules, settings.exclude) if not _is_under(n, save_names)]
     if not names:
-        raise ValueError(f"Every module matched by target_modules={target_modules!r} lies inside modules_to_save.")
+        raise ValueError(
+            f"Every module matched by target_modules={target_modules!r} lies inside modules_to_save={save_names}."
+        )
     modules = dict(model.named_modules())
     too_small = [
-        f"{name} ({modules[name].in_features} -> {modules[name].out_features})"
+        f"{_path(name)} ({modules[name].in_features} -> {modules[name].out_features})"
         for name in names
         if r > min(modules[name].in_features, modules[name].out_features)
     ]
     if too_small:
         raise ValueError(
-            f"r={r} exceeds min(in_features, out_features) of: {', '.join(too_small)}. Choose a smaller r."
+            f"r={r} exceeds min(in_features, out_features) of: {', '.join(too_small)}. Choose a smaller r, or leave "
+            "those layers out (exclude=[...])."
         )
 
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         layer = LoraFALinear(
-            modules[name], r, alpha, dropout=dropout, use_rslora=use_rslora, seed=layer_seed(seed, name), init_a=init_a
+            modules[name],
+            r,
+            settings.alpha,
+            dropout=settings.dropout,
+            use_rslora=settings.use_rslora,
+            seed=layer_seed(settings.seed, name),
+            init_a=settings.init_a,
         )
         setattr(parent, child, layer)
 
@@ -185,15 +232,101 @@ def apply_lorafa(
         param.requires_grad_(param_name.endswith("lora_B") or _is_under(param_name, save_names))
     model.lorafa_config = LoraFAConfig(
         r=r,
-        alpha=alpha,
-        dropout=float(dropout),
-        use_rslora=use_rslora,
-        seed=seed,
-        init_a=init_a,
+        alpha=settings.alpha,
+        dropout=float(settings.dropout),
+        use_rslora=settings.use_rslora,
+        seed=settings.seed,
+        init_a=settings.init_a,
         target_modules=names,
         modules_to_save=save_names,
     )
     return names
+
+
+def find_task_heads(model: nn.Module) -> list[str]:
+    """Names of the fresh task heads of ``model``: what ``modules_to_save=None`` trains fully.
+
+    In a transformers task model (e.g. ``*ForSequenceClassification``, ``*ForTokenClassification``,
+    ``*ForQuestionAnswering``), every child module with parameters beside the base model (``base_model_prefix``)
+    that neither is nor holds the output embeddings (a language-model head, pretrained and usually tied to the
+    input embeddings) nor shares a weight with the input embeddings. Elsewhere (a plain torch model, a model
+    whose base is itself), modules called ``classifier``, ``score``, ``qa_outputs`` or ``classification_head``,
+    under the same two conditions. An empty list when there is none (a causal or masked LM, a seq2seq LM).
+    """
+    tied = _embedding_storages(model)
+    output = _output_embeddings(model)
+    heads: list[str] = []
+    for prefix, pretrained in _outermost_pretrained_models(model):
+        base = getattr(pretrained, "base_model", pretrained)
+        if base is pretrained:
+            continue
+        for child_name, child in pretrained.named_children():
+            if child is base or not any(True for _ in child.parameters()):
+                continue
+            if _holds(child, output) or _shares_storage(child, tied):
+                continue
+            heads.append(f"{prefix}{child_name}")
+    if heads:
+        return heads
+    for name, module in model.named_modules():
+        if name and name.rsplit(".", 1)[-1] in TASK_HEAD_NAMES and not _is_under(name, heads):
+            if not (_holds(module, output) or _shares_storage(module, tied)):
+                heads.append(name)
+    return heads
+
+
+def _outermost_pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(prefix, model)`` for each outermost transformers model (a module with ``base_model_prefix``)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(outer == "" or name.startswith(outer) for outer, _ in found):
+            continue
+        if isinstance(getattr(type(module), "base_model_prefix", None), str) and hasattr(module, "base_model"):
+            found.append((f"{name}." if name else "", module))
+    return found
+
+
+def _output_embeddings(model: nn.Module) -> list[nn.Module]:
+    outputs = []
+    for module in model.modules():
+        get = getattr(module, "get_output_embeddings", None)
+        if callable(get) and hasattr(module, "base_model_prefix"):
+            try:
+                output = get()
+            except (AttributeError, NotImplementedError):
+                output = None
+            if isinstance(output, nn.Module):
+                outputs.append(output)
+    return outputs
+
+
+def _embedding_storages(model: nn.Module) -> set[int]:
+    storages = set()
+    for module in model.modules():
+        get = getattr(module, "get_input_embeddings", None)
+        if callable(get) and hasattr(module, "base_model_prefix"):
+            try:
+                embeddings = get()
+            except (AttributeError, NotImplementedError):
+                embeddings = None
+            weight = getattr(embeddings, "weight", None)
+            if weight is not None and weight.device.type != "meta":
+                storages.add(weight.untyped_storage().data_ptr())
+            elif weight is not None:
+                storages.add(id(weight))
+    return storages
+
+
+def _holds(module: nn.Module, outputs: list[nn.Module]) -> bool:
+    return any(output is inner for inner in module.modules() for output in outputs)
+
+
+def _shares_storage(module: nn.Module, storages: set[int]) -> bool:
+    for p in module.parameters():
+        key = id(p) if p.device.type == "meta" else p.untyped_storage().data_ptr()
+        if key in storages:
+            return True
+    return False
 
 
 def get_lorafa_config(model: nn.Module) -> LoraFAConfig:

@@ -12,7 +12,8 @@ Only the frozen base weights need sharding; B, its gradient and its AdamW moment
   the reduced gradient.
 
 Checkpoints hold only the adapter. ``LoraFAModelParallelStrategy`` saves and loads them under FSDP2
-(full file or sharded directory); ``AtomicCheckpointIO`` writes checkpoint files by temp-file-and-rename.
+(full file or sharded directory); ``AtomicCheckpointIO`` (``checkpoint.py``) writes checkpoint files by
+temp-file-and-rename.
 Building a sharded model in ``configure_model`` (convert first, then ``fully_shard``) is ``lightning_lorafa.sharding``.
 This module does not depend on the ``LoraFA`` callback; the callback uses its checks.
 """
@@ -26,12 +27,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 
 from lightning_lorafa import _compat
-from lightning_lorafa.checkpoint import atomic_write, check_adapter_state
+from lightning_lorafa.checkpoint import AtomicCheckpointIO, check_adapter_state, module_adapter_keys
 from lightning_lorafa.convert import lorafa_layers
 
 
@@ -92,25 +92,6 @@ def keep_lora_A_out_of_ddp_buffer_sync(module: nn.Module) -> list[str]:
     return names if _compat.ddp_ignore_params_and_buffers(module, names) else []
 
 
-def check_no_frozen_parameters(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule) -> None:
-    """Under FSDP1/FSDP2, raise ``ValueError`` when ``optimizer`` holds frozen parameters.
-
-    The ``LoraFA`` callback rebuilds the optimizers ``configure_optimizers`` returns over the trainable
-    parameters; a ``LoraFAOptimizer`` built by the user is kept as it is and checked here.
-    """
-    if not _is_sharding_strategy(pl_module.trainer.strategy):
-        return
-    names = {id(p): name for name, p in pl_module.named_parameters()}
-    frozen = [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"] if not p.requires_grad]
-    if frozen:
-        raise ValueError(
-            f"The LoraFAOptimizer from configure_optimizers holds {len(frozen)} frozen parameters "
-            f"(e.g. {', '.join(frozen[:3])}); under {type(pl_module.trainer.strategy).__name__} they are sharded "
-            "base weights the optimizer must not track. Build it with create_lorafa_optimizer(self), or return "
-            "any torch optimizer over self.parameters() and let LoraFA keep only the trainable ones."
-        )
-
-
 def check_resume_supported(trainer: pl.Trainer, adapter_only_checkpoints: bool) -> None:
     """Raise ``ValueError`` when resuming an adapter-only checkpoint with a plain ``ModelParallelStrategy``.
 
@@ -131,21 +112,6 @@ def check_resume_supported(trainer: pl.Trainer, adapter_only_checkpoints: bool) 
         )
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file beside the target, ``fsync``, then rename it into place.
-
-    A run killed while writing leaves the previous checkpoint intact and, at worst, a hidden
-    ``.<name>.*.tmp`` file that ``ckpt_path="last"`` does not pick up. Lightning's own ``TorchCheckpointIO``
-    writes to the system temp directory and moves the file, which copies it in place (not atomic) when that
-    directory is on another filesystem. Remote (``scheme://``) paths fall back to Lightning's writer.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
-
-
 class LoraFAModelParallelStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (FSDP2) whose checkpoints hold only the LoRA-FA adapter.
 
@@ -161,10 +127,9 @@ class LoraFAModelParallelStrategy(ModelParallelStrategy):
         self.checkpoint_io = AtomicCheckpointIO()
 
     def _adapter_keys(self) -> set[str]:
-        """State-dict keys of the trainable tensors and the A buffers of the LightningModule."""
+        """State-dict keys of the LightningModule's adapter (``checkpoint.module_adapter_keys``)."""
         assert self.model is not None
-        keys = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        return keys | {name for name, _ in self.model.named_buffers() if name.endswith(".lora_A")}
+        return set(module_adapter_keys(self.model))
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -17,8 +17,7 @@ import math
 import torch
 from torch import nn
 
-#: The accepted values of ``init_a``.
-INIT_A = ("kaiming", "orthogonal")
+from lightning_lorafa.settings import INIT_A
 
 
 def check_init_a(init_a: str) -> None:

@@ -24,13 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
+from lightning_lorafa.correction import CorrectedGradient, correction_matrix
 from lightning_lorafa.dropout import apply_seeded_mask
 from lightning_lorafa.init import check_init_a, initialize_lora_A
 from lightning_lorafa.kernels import keep_scale
 from lightning_lorafa.memory import register_weight_copy
-
-#: Added to the diagonal of ``A A^T`` before inverting it.
-RIDGE = 1e-8
 
 
 def add_lora_fa_branch(
@@ -53,20 +51,6 @@ def add_lora_fa_branch(
     if out.dtype != y.dtype:  # a quantized base computes in its own dtype while B stays float32
         out = out.to(y.dtype)
     return torch.add(y, out)
-
-
-class _CorrectedGradient(torch.autograd.Function):
-    """Identity on B (d_out, r) whose backward returns ``grad @ correction`` (float32 (r, r))."""
-
-    @staticmethod
-    def forward(ctx, lora_B: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(correction)
-        return lora_B.view_as(lora_B)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (correction,) = ctx.saved_tensors
-        return (grad.float() @ correction).to(grad.dtype), None
 
 
 class LoraFALinear(nn.Module):
@@ -175,7 +159,7 @@ class LoraFALinear(nn.Module):
             if lora_B.dtype != dtype:  # e.g. half inputs to a quantized base, whose A and B are float32
                 lora_B = lora_B.to(dtype)
         if self.correct_in_backward and lora_B.requires_grad:
-            lora_B = _CorrectedGradient.apply(lora_B, correction_matrix(self))
+            lora_B = CorrectedGradient.apply(lora_B, correction_matrix(self))
         scale = self.scaling * keep_scale(p)  # keep_scale(0.0) is 1.0
         return add_lora_fa_branch(y, x, self.scaled_lora_A(dtype, scale), lora_B, p)
 
@@ -236,20 +220,6 @@ class LoraFALinear(nn.Module):
 def is_quantized(linear: nn.Module) -> bool:
     """Whether ``linear`` is a bitsandbytes quantized linear (``Linear4bit``, ``Linear8bitLt``, ...)."""
     return type(linear).__module__.startswith("bitsandbytes.")
-
-
-def correction_matrix(layer: LoraFALinear, ridge: float = RIDGE) -> torch.Tensor:
-    """``(1 / s^2) * (A A^T + ridge I)^{-1}`` (r, r) in float32, cached on the layer while A is unchanged."""
-    lora_A = layer.lora_A
-    key = (lora_A.device, lora_A._version, lora_A.data_ptr(), ridge, layer.scaling)
-    cached = getattr(layer, "_correction_cache", None)
-    if cached is None or cached[0] != key:
-        a = lora_A.detach().float()
-        gram = a @ a.t() + ridge * torch.eye(a.shape[0], device=a.device)
-        matrix = torch.linalg.inv(gram) / layer.scaling**2
-        layer._correction_cache = (key, matrix)
-        return matrix
-    return cached[1]
 
 
 def check_lora_arguments(r: int, alpha: float, dropout: float) -> None:

@@ -1,12 +1,7 @@
-"""The LoRA-FA optimizer: AdamW over B (and ``modules_to_save``) with B's gradient corrected.
+"""``LoraFAOptimizer``: AdamW over B (and ``modules_to_save``) that corrects B's gradient inside ``step``.
 
-With A frozen, ``g_B = s * G A^T`` (G: the full-weight gradient). The follow-up paper's closed form
-makes the induced update ``s * g~_B A`` the closest to G in Frobenius norm:
-
-    g~_B = (1 / s^2) * g_B (A A^T)^{-1}           g_B: (d_out, r), (A A^T)^{-1}: (r, r)
-
-A is frozen, so ``(A A^T + ridge I)^{-1}`` is computed once per layer in float32 and cached.
-The correction acts on rows of g_B independently, so it also works on a row-sharded B.
+For plain PyTorch and for parity with PEFT's ``create_lorafa_optimizer``. The ``LoraFA`` callback keeps the
+user's own optimizer instead and corrects B's gradient before its step (``lightning_lorafa.correction``).
 
 The update is transformers-style AdamW ("adamw_hf", as in PEFT's ``LoraFAOptimizer``): eps added
 to ``sqrt(v)``, bias correction folded into the step size, decoupled weight decay applied after the
@@ -24,21 +19,8 @@ import torch
 from torch import nn
 
 from lightning_lorafa.convert import lorafa_layers
-from lightning_lorafa.layer import LoraFALinear, correction_matrix
-
-
-@torch.no_grad()
-def correct_gradient(layer: LoraFALinear, grad: torch.Tensor | None = None) -> None:
-    """Replace B's gradient (d_out, r) in place by ``g_B @ correction_matrix(layer)``.
-
-    ``grad`` defaults to ``layer.lora_B.grad``; a DTensor gradient is corrected on its local rows.
-    """
-    grad = layer.lora_B.grad if grad is None else grad
-    if grad is None:
-        return
-    local = grad.to_local() if hasattr(grad, "to_local") else grad
-    matrix = correction_matrix(layer).to(local.device)
-    local.copy_((local.float() @ matrix).to(local.dtype))
+from lightning_lorafa.correction import GradientCorrection, correct_gradient, correction_matrix
+from lightning_lorafa.layer import LoraFALinear
 
 
 class LoraFAOptimizer(torch.optim.Optimizer):
@@ -54,6 +36,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
     Gradient clipping done before ``step`` (Lightning's ``gradient_clip_val``) acts on the raw
     gradients; the correction is applied after it, inside ``step``, as in PEFT. Layers with
     ``correct_in_backward`` set already carry corrected gradients and are not corrected again.
+    ``LoraFA`` does not attach its own correction to a ``LoraFAOptimizer`` (it would correct twice).
     """
 
     def __init__(
@@ -83,7 +66,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.lora_layers: dict[nn.Parameter, LoraFALinear] = dict(lora_layers or {})
-        self._stacked_corrections: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}
+        self._correction = GradientCorrection(self.lora_layers)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -94,13 +77,11 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             params, grads, exp_avgs, exp_avg_sqs, step_sizes, steps = [], [], [], [], [], []
-            to_correct = []
+            if group["gradient_correction"]:
+                self._correction.correct(group["params"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                layer = self.lora_layers.get(p)
-                if group["gradient_correction"] and layer is not None and not layer.correct_in_backward:
-                    to_correct.append((layer, p.grad))
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -116,7 +97,6 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 step_sizes.append(-step_size)
-            self._correct(to_correct)
             if not params:
                 continue
             torch._foreach_add_(steps, 1.0)
@@ -131,30 +111,10 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
         return loss
 
-    def _correct(self, layers_and_grads: list[tuple[LoraFALinear, torch.Tensor]]) -> None:
-        """Correct B's gradients in place, batched: gradients of one local shape, dtype and device are stacked
-        (k, d_out, r) and multiplied by their stacked corrections (k, r, r) in one ``bmm``."""
-        batches: dict[tuple, list[tuple[LoraFALinear, torch.Tensor]]] = {}
-        for layer, grad in layers_and_grads:
-            local = grad.to_local() if hasattr(grad, "to_local") else grad
-            batches.setdefault((local.shape, local.dtype, local.device), []).append((layer, local))
-        for (_, _, device), batch in batches.items():
-            if len(batch) == 1:
-                correct_gradient(*batch[0])
-                continue
-            locals_ = [local for _, local in batch]
-            matrices = [correction_matrix(layer) for layer, _ in batch]
-            layers = tuple(id(layer) for layer, _ in batch)
-            versions = tuple(layer._correction_cache[0] for layer, _ in batch)  # A's device, version, storage
-            cached = self._stacked_corrections.get(layers)
-            if cached is None or cached[0] != versions:
-                cached = self._stacked_corrections[layers] = (versions, torch.stack(matrices).to(device))  # (k, r, r)
-            corrected = torch.bmm(torch.stack(locals_).float(), cached[1])  # (k, d_out, r)
-            torch._foreach_copy_(locals_, list(corrected.unbind(0)))
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_stacked_corrections", {})
+        if "_correction" not in self.__dict__:
+            self._correction = GradientCorrection(self.__dict__.get("lora_layers", {}))
 
 
 def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFALinear]:
@@ -188,3 +148,12 @@ def create_lorafa_optimizer(
         weight_decay=weight_decay,
         gradient_correction=gradient_correction,
     )
+
+
+__all__ = [
+    "LoraFAOptimizer",
+    "correct_gradient",
+    "correction_matrix",
+    "create_lorafa_optimizer",
+    "lora_layers_by_parameter",
+]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Literal
 
 import torch
 from torch import nn
@@ -25,9 +24,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 from torch.utils.checkpoint import checkpoint
 
 from lightning_lorafa.layer import LoraFALinear
-
-Recompute = Literal["none", "mlp", "block"]
-RECOMPUTE_MODES = ("none", "mlp", "block")
+from lightning_lorafa.settings import RECOMPUTE_MODES, Recompute
 
 
 def check_recompute(mode: str) -> None:

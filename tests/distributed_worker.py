@@ -1,6 +1,9 @@
 """Two-process CPU (gloo) training for tests/test_distributed.py, launched by Lightning's own launcher.
 
-Usage: ``python tests/distributed_worker.py {ddp|fsdp2|fsdp2-sharded} OUT_DIR``. Lightning starts rank 1 by
+Usage: ``python tests/distributed_worker.py {ddp|fsdp2|fsdp2-sharded|fsdp2-meta} OUT_DIR``
+(``fsdp2-meta``: the model is built on the meta device, converted, sharded, then materialised with ``to_empty``,
+its base weights loaded and each LoRA-FA layer's ``reset_parameters()`` called, as for a model too large for
+CPU). Lightning starts rank 1 by
 running this script again. It fits 2 epochs straight, then 1 epoch with a checkpoint and 1 more resumed
 from it, and writes what the test compares to ``OUT_DIR``: each rank's full B and head after each run.
 """
@@ -19,6 +22,7 @@ from conftest import VOCAB, tiny_roberta  # noqa: E402
 
 from lightning_lorafa import (  # noqa: E402
     LoraFA,
+    LoraFALinear,
     LoraFAModelParallelStrategy,
     convert_before_sharding,
     fully_shard_blocks,
@@ -31,17 +35,28 @@ LR = 1e-2
 class Classifier(pl.LightningModule):
     """Tiny RoBERTa classifier; ``shard=True`` builds it in ``configure_model`` and applies FSDP2 there."""
 
-    def __init__(self, shard: bool) -> None:
+    def __init__(self, shard: bool, meta: bool = False) -> None:
         super().__init__()
-        self.shard = shard
+        self.shard, self.meta = shard, meta
         self.model = None if shard else tiny_roberta().train()
 
     def configure_model(self) -> None:
         if not self.shard or self.model is not None:
             return
-        self.model = tiny_roberta().train()
+        if not self.meta:
+            self.model = tiny_roberta().train()
+            convert_before_sharding(self)
+            fully_shard_blocks(self.model, self.device_mesh["data_parallel"])
+            return
+        with torch.device("meta"):
+            self.model = tiny_roberta().train()
         convert_before_sharding(self)
         fully_shard_blocks(self.model, self.device_mesh["data_parallel"])
+        self.model.to_empty(device=self.device)
+        load_base_weights(self.model)
+        for module in self.model.modules():
+            if isinstance(module, LoraFALinear):
+                module.reset_parameters()
 
     def training_step(self, batch, batch_idx):
         input_ids, labels = batch
@@ -52,6 +67,27 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.01)
+
+
+def load_base_weights(model: torch.nn.Module) -> None:
+    """The frozen base weights and the buffers of a pretrained checkpoint (here: ``tiny_roberta()``), loaded into
+    a sharded, materialised model; the LoRA-FA tensors are left to ``reset_parameters``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    pretrained = tiny_roberta()
+    state = {name.replace(".weight", ".base.weight").replace(".bias", ".base.bias") if _adapted(model, name) else name:
+             value for name, value in pretrained.state_dict().items()}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    buffers = dict(pretrained.named_buffers())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if not name.endswith("lora_A"):
+                buffer.copy_(buffers[name])
+
+
+def _adapted(model: torch.nn.Module, name: str) -> bool:
+    module_name = name.rpartition(".")[0]
+    return isinstance(dict(model.named_modules()).get(module_name), LoraFALinear)
 
 
 def data(batch_size: int = 4, world_size: int = 1, rank: int = 0) -> DataLoader:
@@ -101,7 +137,7 @@ def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl
         default_root_dir=root,
         use_distributed_sampler=False,
     )
-    module = Classifier(shard=kind != "ddp")
+    module = Classifier(shard=kind != "ddp", meta=kind == "fsdp2-meta")
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 

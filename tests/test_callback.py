@@ -7,7 +7,7 @@ import torch
 from conftest import VOCAB, tiny_roberta
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lorafa import LoraFA, LoraFAOptimizer, apply_lorafa, lorafa_layers
+from lightning_lorafa import LoraFA, LoraFAOptimizer, apply_lorafa, convert_before_sharding, lorafa_layers
 
 
 class Classifier(pl.LightningModule):
@@ -81,34 +81,40 @@ def test_fit_trains_only_B_and_head(tmp_path):
     assert not torch.equal(module.model.classifier.out_proj.weight, fresh.classifier.out_proj.weight)
 
 
-def test_user_optimizer_is_replaced_with_its_settings(tmp_path, caplog):
+def test_user_optimizer_keeps_its_class_and_settings_and_loses_frozen_parameters(tmp_path, caplog):
     module = Classifier(lr=3e-3)
     fit = trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False)
     with caplog.at_level(logging.INFO):
         fit.fit(module, data())
     (optimizer,) = fit.optimizers
-    assert isinstance(optimizer, LoraFAOptimizer)
+    assert type(optimizer) is torch.optim.AdamW
     assert optimizer.param_groups[0]["lr"] == 3e-3 and optimizer.param_groups[0]["weight_decay"] == 0.01
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
-    assert {id(p) for p in optimizer.param_groups[0]["params"]} == trainable
-    assert len(optimizer.lora_layers) == 12
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == trainable and len(trainable) == 16
     text = caplog.text
-    assert "replaced AdamW by LoraFAOptimizer over 16 trainable tensors" in text
+    frozen = sum(1 for p in module.parameters() if not p.requires_grad)
+    assert f"LoRA-FA: {frozen} frozen parameters left out of AdamW's param groups." in text
+    assert "AdamW keeps its settings and LR schedule; B's gradient is corrected before each of its steps" in text
     b_params = sum(layer.lora_B.numel() for layer in lorafa_layers(module.model).values())
     assert f"B = r * sum(d_out) = {b_params:,}" in text
     assert b_params == 2 * 4 * (4 * 32 + 64 + 32)
 
 
-def test_callback_settings_override_and_scheduler_is_rebound(tmp_path):
-    module = Classifier(optimizer="scheduled")
-    fit = trainer(tmp_path, lorafa(lr=2e-2, weight_decay=0.0), max_steps=3, enable_checkpointing=False)
+def test_sgd_with_momentum_stays_sgd_with_momentum(tmp_path):
+    module = Classifier(optimizer="none")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9, nesterov=True)
+
+    module.configure_optimizers = types.MethodType(configure_optimizers, module)  # as LightningCLI binds it
+    fit = trainer(tmp_path, lorafa(), max_steps=2, enable_checkpointing=False)
     fit.fit(module, data())
     (optimizer,) = fit.optimizers
-    scheduler = fit.lr_scheduler_configs[0].scheduler
-    assert isinstance(optimizer, LoraFAOptimizer) and scheduler.optimizer is optimizer
-    assert scheduler.base_lrs == [2e-2]
-    assert optimizer.param_groups[0]["weight_decay"] == 0.0
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-2 / 4)  # LambdaLR after 3 steps
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.5, 0.9, True)
+    assert all(p.requires_grad for p in group["params"])
+    assert all("momentum_buffer" in optimizer.state[p] for p in group["params"])
 
 
 def test_optimizer_supplied_when_configure_optimizers_returns_none(tmp_path):
@@ -116,28 +122,47 @@ def test_optimizer_supplied_when_configure_optimizers_returns_none(tmp_path):
     fit = trainer(tmp_path, lorafa(lr=5e-3), max_steps=1, enable_checkpointing=False)
     fit.fit(module, data())
     assert isinstance(fit.optimizers[0], LoraFAOptimizer) and fit.optimizers[0].param_groups[0]["lr"] == 5e-3
+    assert all(layer.lora_B.abs().sum() > 0 for layer in lorafa_layers(module.model).values())
 
 
-def test_optimizer_bound_before_fit_is_narrowed(tmp_path):
-    """LightningCLI binds configure_optimizers on the instance over all (pre-conversion) parameters."""
+def test_lr_with_an_optimizer_of_the_users_is_named_as_unused(tmp_path):
+    with pytest.warns(UserWarning, match=r"LoraFA\(lr=0.5\) applies only when configure_optimizers returns None"):
+        trainer(tmp_path, lorafa(lr=0.5), max_steps=1, enable_checkpointing=False).fit(Classifier(), data())
+
+
+def test_an_optimizer_without_trainable_parameters_is_refused(tmp_path):
     module = Classifier(optimizer="none")
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+        return torch.optim.AdamW(self.model.roberta.embeddings.parameters(), lr=1e-3)
 
     module.configure_optimizers = types.MethodType(configure_optimizers, module)
-    fit = trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False)
-    fit.fit(module, data())
-    optimizer = fit.optimizers[0]
-    assert isinstance(optimizer, LoraFAOptimizer) and optimizer.param_groups[0]["lr"] == 0.5
-    assert "momentum" not in optimizer.param_groups[0]
-    assert all(p.requires_grad for p in optimizer.param_groups[0]["params"])
+    with pytest.raises(ValueError, match="holds none of the LoRA-FA trainable parameters"):
+        trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False).fit(module, data())
 
 
-def test_model_built_in_configure_model_is_converted(tmp_path):
-    module = LazyClassifier()
+def test_trainable_tensors_in_no_optimizer_are_named(tmp_path):
+    module = Classifier(optimizer="none")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.roberta.parameters(), lr=1e-3)  # not the classifier
+
+    module.configure_optimizers = types.MethodType(configure_optimizers, module)
+    with pytest.warns(UserWarning, match=r"4 trainable tensors are in no optimizer .* model.classifier.dense.bias"):
+        trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False).fit(module, data())
+
+
+def test_model_built_in_configure_model_is_converted_by_one_call(tmp_path):
+    class Converting(LazyClassifier):
+        def configure_model(self) -> None:
+            super().configure_model()
+            convert_before_sharding(self)
+
+    module = Converting()
     trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False).fit(module, data())
     assert len(lorafa_layers(module.model)) == 12
+    with pytest.raises(RuntimeError, match=r"builds its model in configure_model.*convert_before_sharding\(self\)"):
+        trainer(tmp_path, lorafa(), max_steps=1, enable_checkpointing=False).fit(LazyClassifier(), data())
 
 
 def test_checkpoint_holds_only_the_adapter_and_resume_is_exact(tmp_path):

@@ -59,9 +59,15 @@ def test_all_linear_skips_output_heads():
     names = apply_lorafa(llama, r=2)
     assert "lm_head" not in names and len(names) == 14
     roberta = tiny_roberta()
+    head = sum(p.numel() for p in roberta.classifier.parameters())
     names = apply_lorafa(roberta, r=2)
     assert not any(n.startswith("classifier") for n in names) and len(names) == 12
-    assert count_parameters(roberta)[0] == b_parameter_count(roberta, names, 2)
+    assert roberta.lorafa_config.modules_to_save == ["classifier"]  # the fresh task head trains by default
+    assert count_parameters(roberta)[0] == b_parameter_count(roberta, names, 2) + head
+    frozen_head = tiny_roberta()
+    names = apply_lorafa(frozen_head, r=2, modules_to_save=[])
+    assert frozen_head.lorafa_config.modules_to_save == []
+    assert count_parameters(frozen_head)[0] == b_parameter_count(frozen_head, names, 2)
 
 
 def test_plain_module_and_regex_and_exclude():
@@ -117,7 +123,7 @@ def unchanged(model, before):
     [
         ({"target_modules": ["qkv"]}, ValueError, r"matches no module.*suffixes \['dense', 'key', 'out_proj'"),
         ({"target_modules": ["attention"]}, TypeError, r"nn.Linear layers only.*RobertaAttention"),
-        ({"r": 0}, ValueError, "r must be a positive integer"),
+        ({"r": 0}, ValueError, r"\(r=0\): r must be >= 1"),
         ({"r": 33}, ValueError, r"exceeds min\(in_features, out_features\)"),
         ({"alpha": -1}, ValueError, "alpha must be > 0"),
         ({"dropout": 1.5}, ValueError, "dropout must be in"),
@@ -149,3 +155,26 @@ def test_find_target_modules_does_not_change_the_model():
     model = TwoLayerNet()
     assert find_target_modules(model, ["fc1", "head"]) == ["fc1", "head"]
     assert not any(isinstance(m, LoraFALinear) for m in model.modules())
+
+
+def test_a_model_converted_on_the_meta_device_gets_the_adapters_of_a_cpu_built_one_after_reset(input_ids):
+    """Build on meta, convert, ``to_empty``, then every module's ``reset_parameters`` (what FSDP and Lightning's
+    ``configure_model`` users do): A from its seed, B zero, as on CPU; the base is then loaded from a checkpoint."""
+    cpu = tiny_roberta()
+    apply_lorafa(cpu, r=4, alpha=8, init_a="orthogonal")
+    with torch.device("meta"):
+        meta = tiny_roberta()
+    apply_lorafa(meta, r=4, alpha=8, init_a="orthogonal")
+    assert all(layer.lora_A.is_meta and layer.lora_B.is_meta for layer in lorafa_layers(meta).values())
+    meta.to_empty(device="cpu")
+    for module in meta.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    base = {k: v for k, v in cpu.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+    meta.load_state_dict(base, strict=False)
+    for name, layer in lorafa_layers(cpu).items():
+        assert torch.equal(lorafa_layers(meta)[name].lora_A, layer.lora_A), name
+        assert torch.equal(lorafa_layers(meta)[name].lora_B, torch.zeros_like(layer.lora_B)), name
+    for buffer_name, buffer in cpu.named_buffers():
+        dict(meta.named_buffers())[buffer_name].copy_(buffer)  # non-persistent buffers are the user's to fill
+    torch.testing.assert_close(meta(input_ids).logits, cpu(input_ids).logits, rtol=0, atol=0)

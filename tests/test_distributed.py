@@ -28,7 +28,6 @@ from lightning_lorafa import (
     transformer_block_classes,
 )
 from lightning_lorafa.distributed import (
-    check_no_frozen_parameters,
     check_not_sharded,
     check_resume_supported,
     prepare_for_strategy,
@@ -107,6 +106,14 @@ def test_two_processes_fsdp2_sharded_checkpoint_directory_resumes_exactly(tmp_pa
     directory = tmp_path / "first" / "half.ckpt"
     assert directory.is_dir() and (directory / "meta.pt").is_file()
     assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["half.ckpt"]  # no temp or old copy left
+
+
+def test_two_processes_fsdp2_model_built_on_the_meta_device_trains_like_one(tmp_path, single_process_reference):
+    """configure_model builds on meta, converts, shards, ``to_empty``, loads the base and resets each adapter:
+    A from its seed and B zero, exactly the adapters of a model built on CPU, so training matches."""
+    rank0, rank1 = run_worker("fsdp2-meta", tmp_path)
+    check_two_process_run(rank0, rank1, single_process_reference)
+    assert rank0["types"] == ("DTensor", (16, 4), "Tensor", (4, 32))
 
 
 FSDP1_WORKER = Path(__file__).parent / "fsdp1_worker.py"
@@ -223,13 +230,14 @@ def attached(strategy) -> pl.LightningModule:
     return module
 
 
-def test_user_lorafa_optimizer_over_frozen_parameters_is_rejected_when_sharded():
+def test_frozen_parameters_leave_a_users_optimizer_so_sharded_base_weights_are_never_tracked():
     module = attached(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
     everything = LoraFAOptimizer(module.parameters(), lr=1e-3)
-    with pytest.raises(ValueError, match=r"holds 41 frozen parameters .*create_lorafa_optimizer\(self\)"):
-        check_no_frozen_parameters(everything, module)
-    check_no_frozen_parameters(create_lorafa_optimizer(module.model), module)
-    check_no_frozen_parameters(everything, attached("auto"))  # harmless without sharding
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    assert len(everything.param_groups[0]["params"]) == len(trainable) + len(frozen) and len(frozen) == 37
+    LoraFA._keep_trainable_only(everything, module)
+    assert everything.param_groups[0]["params"] == trainable
 
 
 def test_resuming_adapter_only_checkpoint_with_plain_model_parallel_strategy_is_explained():

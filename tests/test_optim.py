@@ -185,4 +185,4 @@ def test_batched_correction_equals_per_layer_correction_and_follows_a_changed_A(
             torch.testing.assert_close(layer.lora_B.grad, reference, rtol=1e-6, atol=1e-6)
         with torch.no_grad():
             layers[1].lora_A.mul_(2)
-    assert len(optimizer._stacked_corrections) == 1  # the three 8 x 3 gradients share one stacked correction
+    assert len(optimizer._correction._stacked) == 1  # the three 8 x 3 gradients share one stacked correction

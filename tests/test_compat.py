@@ -1,0 +1,140 @@
+"""Private APIs of other libraries only in ``_compat``; the package imports, and trains, when one is missing."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_lorafa"
+OTHER_LIBRARIES = ("torch", "lightning", "transformers", "bitsandbytes", "peft", "triton", "safetensors", "datasets")
+#: torch's multi-tensor ops: every torch optimizer is built on them (documented as the "foreach" implementation).
+ALLOWED = ("torch._foreach_",)
+
+
+def private_uses(path: Path) -> list[str]:
+    """``module:line name`` for each private name of another library that ``path`` imports or reads."""
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}  # local name -> module it stands for
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                aliases[(alias.asname or alias.name).split(".")[0]] = alias.name
+                if alias.name.split(".")[0] in OTHER_LIBRARIES and _private_path(alias.name):
+                    found.append(f"{path.name}:{node.lineno} import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] not in OTHER_LIBRARIES:
+                continue
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                if _private_path(node.module) or _private(alias.name):
+                    found.append(f"{path.name}:{node.lineno} from {node.module} import {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _private(node.attr):
+            module = aliases.get(node.value.id)
+            if module and module.split(".")[0] in OTHER_LIBRARIES:
+                name = f"{module}.{node.attr}"
+                if not name.startswith(ALLOWED):
+                    found.append(f"{path.name}:{node.lineno} {name}")
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_path(module: str) -> bool:
+    return any(_private(part) for part in module.split("."))
+
+
+def test_no_module_but_compat_uses_a_private_name_of_another_library():
+    paths = [path for path in sorted(PACKAGE.rglob("*.py")) if path.name != "_compat.py"]
+    offenders = [use for path in paths for use in private_uses(path)]
+    assert offenders == []
+
+
+def test_the_checker_finds_private_imports_and_attributes(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import torch\nfrom torch._C._autograd import x\nfrom lightning.fabric import _secret\n"
+        "y = torch._softmax_backward_data\nz = torch._foreach_add_\n"
+    )
+    assert private_uses(sample) == [
+        "sample.py:2 from torch._C._autograd import x",
+        "sample.py:3 from lightning.fabric import _secret",
+        "sample.py:4 torch._softmax_backward_data",
+    ]
+
+
+BREAK = {
+    "saved_tensors_hooks": "import torch._C._autograd as m; del m._push_saved_tensors_default_hooks",
+    "softmax_backward": "import torch; del torch._softmax_backward_data",
+    "sdpa_attention": "import transformers.modeling_utils, transformers.integrations.sdpa_attention as m; "
+    "del m.sdpa_attention_forward",
+    "sharded_checkpoints": "import lightning.fabric.strategies.model_parallel as m; del m._distributed_checkpoint_load",
+}
+
+CHECK = {
+    # the seed-kept dropout runs as an autograd.Function: same values and gradient as with the hooks
+    "saved_tensors_hooks": """
+import torch
+from lightning_lorafa.dropout import seeded_dropout
+x = torch.randn(64, 16, requires_grad=True)
+torch.manual_seed(3); y = seeded_dropout(x, 0.5)
+assert type(y.grad_fn).__name__ == "_SeededDropoutBackward", type(y.grad_fn).__name__
+y.sum().backward()
+assert torch.equal(x.grad, (y != 0).float() * 2.0)
+""",
+    # the CPU attention's backward from public ops: gradients as autograd's through a stored-mask reference
+    "softmax_backward": """
+import torch
+from lightning_lorafa.attention import _RecomputedDropoutAttention
+q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+assert torch.autograd.gradcheck(
+    lambda q, k, v: _RecomputedDropoutAttention.apply(q, k, v, None, None, 0.5, 0.0, torch.tensor(1)), (q, k, v)
+)
+""",
+    # attention dropout keeps its mask: the model stays on its own attention, and says why
+    "sdpa_attention": """
+import sys; sys.path.insert(0, "tests")
+from conftest import tiny_roberta
+from lightning_lorafa.prepare import keep_dropout_seeds
+model = tiny_roberta(dropout=0.1)
+changed, kept = keep_dropout_seeds(model)
+assert model.config._attn_implementation == "sdpa" and changed
+assert "SDPA attention function is missing" in next(iter(kept.values())), kept
+""",
+    "sharded_checkpoints": """
+import pytest
+from lightning_lorafa import LoraFAModelParallelStrategy
+strategy = LoraFAModelParallelStrategy()
+strategy._lightning_module = object()
+with pytest.raises(RuntimeError, match="cannot load checkpoints with this Lightning version"):
+    strategy.model = object(); strategy.load_checkpoint("x.ckpt")
+""",
+}
+
+
+@pytest.mark.parametrize("feature", sorted(BREAK))
+def test_the_package_imports_with_a_private_api_missing_and_only_that_feature_falls_back(feature):
+    code = f"""
+import warnings
+{BREAK[feature]}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import lightning_lorafa
+    from lightning_lorafa import _compat
+assert list(_compat.missing_features) == [{feature!r}], _compat.missing_features
+messages = [str(w.message) for w in caught]
+assert any({feature!r} in m and "is disabled" in m for m in messages), messages
+{CHECK[feature]}
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
