@@ -11,9 +11,36 @@ The `LoraFA` callback is configured under `trainer.callbacks`.
 
 from __future__ import annotations
 
+import difflib
+import re
+import sys
+from typing import NoReturn
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_lorafa.tasks.common import TaskDataModule, TaskModule
+
+
+class ConciseArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose errors are the message, the closest known options, and where to find the rest
+    (instead of some 60 lines of usage text above the message)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        known = [option for action in parser._actions for option in action.option_strings]
+        hints = []
+        for given in dict.fromkeys(re.findall(r"--[\w.]+", message)):
+            close = difflib.get_close_matches(given, known, n=2, cutoff=0.8)
+            if close and given not in known:
+                hints.append(f"{given}: did you mean {' or '.join(close)}?")
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        for hint in hints:
+            sys.stderr.write(f"  {hint}\n")
+        sys.stderr.write(f"Run '{prog} --help' for the accepted options, or '{prog} --print_config' for a config.\n")
+        self.exit(2)
 
 
 class LoraFACLI(LightningCLI):
@@ -30,6 +57,7 @@ def main(args: list[str] | None = None) -> LoraFACLI:
         TaskDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=ConciseArgumentParser,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
