@@ -60,7 +60,7 @@ def main(max_steps: int = 60, train_rows: int = 1920, eval_rows: int = 512, out:
     train, held_out = rows[:train_rows], sst2_batches(tokenizer, rows[-eval_rows:], 128)
     print(f"held-out accuracy before: {accuracy(model, held_out):.3f}")
 
-    lorafa = LoraFA(r=8, alpha=32, modules_to_save=["classifier"])
+    lorafa = LoraFA(r=8, alpha=32)  # the new classification head trains too (found from the model)
     trainer = pl.Trainer(max_steps=max_steps, callbacks=[lorafa], logger=False, enable_checkpointing=False)
     trainer.fit(Classifier(model), sst2_batches(tokenizer, train, 32))
 

@@ -211,17 +211,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     saved, tensors, path = read_adapter_files(directory)
     if getattr(model, "lorafa_config", None) is None:
         try:
-            apply_lorafa(
-                model,
-                r=saved.r,
-                alpha=saved.alpha,
-                dropout=saved.dropout,
-                target_modules=saved.target_modules,
-                modules_to_save=saved.modules_to_save,
-                seed=saved.seed,
-                use_rslora=saved.use_rslora,
-                init_a=saved.init_a,
-            )
+            apply_lorafa(model, **saved.adapter_kwargs())
         except (ValueError, TypeError) as error:
             raise ValueError(f"Adapter {path} does not fit {type(model).__name__}: {error}") from error
     config = get_lorafa_config(model)
@@ -299,17 +289,7 @@ def load_from_checkpoint(
     model = getattr(module, attr) if attr else module
     prefix = f"{attr}." if attr else ""
     if getattr(model, "lorafa_config", None) is None:
-        apply_lorafa(
-            model,
-            r=config.r,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            target_modules=config.target_modules,
-            modules_to_save=config.modules_to_save,
-            seed=config.seed,
-            use_rslora=config.use_rslora,
-            init_a=config.init_a,
-        )
+        apply_lorafa(model, **config.adapter_kwargs())
     state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
     own = model.state_dict()
     check_adapter_state({k: own[k] for k in adapter_keys(model)}, state, f"The checkpoint {checkpoint_path}", config.r)

@@ -38,6 +38,11 @@ class LoraFAConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def adapter_kwargs(self) -> dict:
+        """``apply_lorafa`` keywords that convert a fresh model exactly like this one (its resolved layer names)."""
+        fields = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "seed", "use_rslora", "init_a")
+        return {name: getattr(self, name) for name in fields}
+
 
 def _as_patterns(spec: Targets) -> tuple[str | None, list[str]]:
     """Split a target spec into (regex, names). A string is a full-match regex; a list holds names/suffixes."""
@@ -286,34 +291,33 @@ def _outermost_pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]
     return found
 
 
-def _output_embeddings(model: nn.Module) -> list[nn.Module]:
-    outputs = []
+def _transformers_getter(model: nn.Module, getter: str) -> list[nn.Module]:
+    """What ``getter`` (``get_input_embeddings``/``get_output_embeddings``) returns for each transformers model
+    inside ``model``, where it returns a module."""
+    found = []
     for module in model.modules():
-        get = getattr(module, "get_output_embeddings", None)
+        get = getattr(module, getter, None)
         if callable(get) and hasattr(module, "base_model_prefix"):
             try:
-                output = get()
+                result = get()
             except (AttributeError, NotImplementedError):
-                output = None
-            if isinstance(output, nn.Module):
-                outputs.append(output)
-    return outputs
+                result = None
+            if isinstance(result, nn.Module):
+                found.append(result)
+    return found
+
+
+def _output_embeddings(model: nn.Module) -> list[nn.Module]:
+    return _transformers_getter(model, "get_output_embeddings")
 
 
 def _embedding_storages(model: nn.Module) -> set[int]:
+    """Storages (ids on the meta device) of the input embeddings' weights: a head sharing one is tied."""
     storages = set()
-    for module in model.modules():
-        get = getattr(module, "get_input_embeddings", None)
-        if callable(get) and hasattr(module, "base_model_prefix"):
-            try:
-                embeddings = get()
-            except (AttributeError, NotImplementedError):
-                embeddings = None
-            weight = getattr(embeddings, "weight", None)
-            if weight is not None and weight.device.type != "meta":
-                storages.add(weight.untyped_storage().data_ptr())
-            elif weight is not None:
-                storages.add(id(weight))
+    for embeddings in _transformers_getter(model, "get_input_embeddings"):
+        weight = getattr(embeddings, "weight", None)
+        if weight is not None:
+            storages.add(id(weight) if weight.device.type == "meta" else weight.untyped_storage().data_ptr())
     return storages
 
 

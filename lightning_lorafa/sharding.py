@@ -18,9 +18,10 @@ from lightning_lorafa.convert import lorafa_layers
 
 
 def convert_before_sharding(pl_module: pl.LightningModule) -> list[str]:
-    """Convert ``pl_module``'s model now with the settings of the trainer's ``LoraFA`` callback.
+    """Convert (prepare) ``pl_module``'s model now with the settings of the trainer's ``LoraFA`` callback.
 
-    Call it in ``configure_model`` after building the model and before ``fully_shard``::
+    A LightningModule that builds its model in ``configure_model`` calls it at the end of that hook (a callback
+    cannot run after it), before ``fully_shard`` when it shards::
 
         def configure_model(self):
             self.model = build_model()
