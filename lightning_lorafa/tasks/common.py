@@ -20,6 +20,8 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from lightning_lorafa.tasks.packing import is_packed, packed_model_inputs
+
 DataFiles = Mapping[str, str | Sequence[str]]
 
 # Builder and reader options of `datasets` per file suffix. GLUE's tsv files contain stray quotes and
@@ -259,7 +261,10 @@ class TaskModule(L.LightningModule):
         self.model: PreTrainedModel
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        """The model's output (with `.loss` when the batch has labels) for a collated batch."""
+        """The model's output (with `.loss` when the batch has labels) for a collated batch; a packed batch
+        (`position_ids`, no `attention_mask`, see `tasks.packing`) runs with its rows kept apart."""
+        if is_packed(batch):
+            return self.model(**packed_model_inputs(self.model, batch))
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
