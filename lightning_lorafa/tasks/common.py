@@ -17,6 +17,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
     get_linear_schedule_with_warmup,
 )
 
@@ -235,7 +236,7 @@ class TaskModule(L.LightningModule):
     """A Hugging Face model in `self.model`, trained with AdamW and a linear warm-up/decay schedule.
 
     The `LoraFA` callback converts `self.model` and swaps in its optimizer, keeping the learning rate,
-    weight decay and the schedule configured here.
+    weight decay and the schedule configured here (`lr_schedule`: "linear", or "cosine" decay after the warm-up).
 
     Args:
         model_name_or_path: hub name or local directory of the pretrained checkpoint.
@@ -258,6 +259,7 @@ class TaskModule(L.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
+        self.lr_schedule = "linear"  # or "cosine" (subclasses may expose it)
         self.model: PreTrainedModel
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
@@ -276,5 +278,6 @@ class TaskModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        schedule = get_cosine_schedule_with_warmup if self.lr_schedule == "cosine" else get_linear_schedule_with_warmup
+        scheduler = schedule(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
