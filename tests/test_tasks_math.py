@@ -1,5 +1,5 @@
 """Math task: GSM8K answer extraction, the MetaMathQA prompt with the loss on the response only, and greedy
-generation of left-padded GSM8K prompts scored as `gsm8k/acc`, on a tiny LLaMA and hand-made rows (tests/data)."""
+generation of left-padded GSM8K prompts scored as `val/gsm8k/acc`, on a tiny LLaMA and hand-made rows (tests/data)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_bad_columns_and_splits_are_named(math_checkpoint: str) -> None:
 
 def test_generation_round_trip_scores_gsm8k(math_checkpoint: str, tmp_path: Path) -> None:
     """Fit on the MetaMathQA rows until they are memorised, then validate on the GSM8K rows: batched, left-padded
-    greedy generation gives each row's own generation, and `gsm8k/acc` is the fraction of exact final numbers."""
+    greedy generation gives each row's own generation, and `val/gsm8k/acc` is the fraction of exact final numbers."""
     data = MathDataModule(
         math_checkpoint,
         data_files={"train": METAMATH},
@@ -160,7 +160,7 @@ def test_generation_round_trip_scores_gsm8k(math_checkpoint: str, tmp_path: Path
         alone = module.generate(row)
         assert alone == [completion]
     correct = [extract_answer(c) == Fraction(gold) for c, gold in zip(completions, batch["answer"], strict=True)]
-    assert metrics["gsm8k/acc"] == pytest.approx(sum(correct) / 6)
+    assert metrics["val/gsm8k/acc"] == pytest.approx(sum(correct) / 6)
     # questions asked in training too (rows 0, 1, 2, 5; row 3 nearly) get the memorised number (4 of 6 here), the
     # unseen row 4 does not
     assert sum(correct) >= 3 and not correct[4], completions

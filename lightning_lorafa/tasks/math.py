@@ -6,7 +6,7 @@ json/jsonl files). Validation and test rows have GSM8K's (`question`, `answer` e
 `openai/gsm8k`, config `main`, or local files). The model continues each question's prompt greedily (batched,
 left-padded, at most `max_new_tokens` new tokens); the number after the last answer marker ("The answer is: N",
 MetaMathQA's; "#### N", GSM8K's) is compared to GSM8K's answer as an exact rational number, and the fraction of
-matches is logged as `gsm8k/acc`.
+matches is logged as `val/gsm8k/acc` (validation) and `test/gsm8k/acc` (test).
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class MathDataModule(TaskDataModule):
 
 class MathTuner(TaskModule):
     """Fine-tunes an `AutoModelForCausalLM` on math solutions; validation and test generate each GSM8K question's
-    solution greedily and log the exact-match accuracy of the final number as `gsm8k/acc`.
+    solution greedily and log the exact-match accuracy of the final number as `{stage}/gsm8k/acc` (`val`, `test`).
 
     Args:
         dtype: dtype the weights are loaded in ("float32", "bfloat16", ...).
@@ -290,7 +290,7 @@ class MathTuner(TaskModule):
             extract_answer(text) == Fraction(gold) for text, gold in zip(completions, batch["answer"], strict=True)
         ]
         self.accuracy[stage].update(torch.tensor(correct, dtype=torch.float32, device=self.device))
-        self.log("gsm8k/acc", self.accuracy[stage], prog_bar=True, batch_size=len(correct))
+        self.log(f"{stage}/gsm8k/acc", self.accuracy[stage], prog_bar=True, batch_size=len(correct))
         return correct
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
