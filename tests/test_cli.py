@@ -48,6 +48,18 @@ def overrides(config: str, checkpoints: dict[str, str], tmp: Path) -> list[str]:
             )
             args += ["--data.init_args.data_files", yaml.safe_dump(files, default_flow_style=True)]
         return args
+    if model_class == "MathTuner":
+        data = ROOT / "tests" / "data"
+        return [
+            "--model.init_args.model_name_or_path",
+            checkpoints["llama"],
+            "--model.init_args.max_new_tokens",
+            "4",
+            "--data.init_args.data_files",
+            f"{{train: {data / 'metamathqa_sample.json'}}}",
+            "--data.init_args.eval_data_files",
+            f"{{test: {data / 'gsm8k_sample.jsonl'}}}",
+        ]
     if model_class == "Translator":
         stem = write_text_pairs(tmp / "wmt")
         return [
@@ -80,6 +92,7 @@ def test_configs_cover_the_tasks() -> None:
     glue = {f"configs/glue/{task}_{size}.yaml" for task in GLUE_TASKS for size in ("base", "large")}
     t5 = {f"configs/t5/{size}.yaml" for size in ("small", "base", "large")}
     llama = {"configs/llama/alpaca.yaml", "configs/llama/flanv2.yaml", "configs/llama/smollm2_alpaca.yaml"}
+    llama |= {f"configs/llama/metamath_gsm8k{v}.yaml" for v in ("", "_all_linear", "_llama2_7b")}
     assert set(CONFIGS) == glue | t5 | llama | {"configs/demo.yaml"}
 
 

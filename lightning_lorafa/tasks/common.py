@@ -17,8 +17,11 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
     get_linear_schedule_with_warmup,
 )
+
+from lightning_lorafa.tasks.packing import is_packed, packed_model_inputs
 
 DataFiles = Mapping[str, str | Sequence[str]]
 
@@ -233,7 +236,7 @@ class TaskModule(L.LightningModule):
     """A Hugging Face model in `self.model`, trained with AdamW and a linear warm-up/decay schedule.
 
     The `LoraFA` callback converts `self.model` and swaps in its optimizer, keeping the learning rate,
-    weight decay and the schedule configured here.
+    weight decay and the schedule configured here (`lr_schedule`: "linear", or "cosine" decay after the warm-up).
 
     Args:
         model_name_or_path: hub name or local directory of the pretrained checkpoint.
@@ -256,10 +259,14 @@ class TaskModule(L.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
+        self.lr_schedule = "linear"  # or "cosine" (subclasses may expose it)
         self.model: PreTrainedModel
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        """The model's output (with `.loss` when the batch has labels) for a collated batch."""
+        """The model's output (with `.loss` when the batch has labels) for a collated batch; a packed batch
+        (`position_ids`, no `attention_mask`, see `tasks.packing`) runs with its rows kept apart."""
+        if is_packed(batch):
+            return self.model(**packed_model_inputs(self.model, batch))
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -271,5 +278,6 @@ class TaskModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        schedule = get_cosine_schedule_with_warmup if self.lr_schedule == "cosine" else get_linear_schedule_with_warmup
+        scheduler = schedule(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -29,6 +29,7 @@ from lightning_lorafa.tasks.mmlu import (
     letter_token_ids,
     read_questions,
 )
+from lightning_lorafa.tasks.packing import PackedCollator, pack_dataset
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -77,6 +78,9 @@ class InstructionDataModule(TaskDataModule):
         mmlu_subjects: subjects to score (default: all).
         mmlu_questions_per_subject: score only the first questions of each subject.
         mmlu_max_length: longest MMLU prompt in tokens; shots are dropped to fit.
+        packing: concatenate the training rows into packs of up to `max_length` tokens (`tasks.packing`):
+            no padding, `position_ids` restart per row and rows do not attend to each other. `batch_size`
+            then counts packs.
         **kwargs: `TaskDataModule` options.
     """
 
@@ -99,6 +103,7 @@ class InstructionDataModule(TaskDataModule):
         max_train_samples: int | None = None,
         seed: int = 42,
         num_workers: int = 0,
+        packing: bool = False,
     ) -> None:
         if prompt_format not in PROMPT_COLUMNS:
             raise ValueError(
@@ -130,7 +135,12 @@ class InstructionDataModule(TaskDataModule):
         self.mmlu_questions_per_subject = mmlu_questions_per_subject
         self.mmlu_max_length = mmlu_max_length
         self.subjects: list[str] = []
-        self.collate = DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
+        self.packing = packing
+        self.collate = (
+            PackedCollator(self.tokenizer.pad_token_id)
+            if packing
+            else DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
+        )
         self.mmlu_collate = DataCollatorWithPadding(self.tokenizer)
 
     def setup(self, stage: str) -> None:
@@ -152,7 +162,8 @@ class InstructionDataModule(TaskDataModule):
                 )
 
             train = train.map(encode, remove_columns=train.column_names)
-            self.datasets["train"] = train.filter(lambda row: any(y != -100 for y in row["labels"]))
+            train = train.filter(lambda row: any(y != -100 for y in row["labels"]))
+            self.datasets["train"] = pack_dataset(train, self.max_length) if self.packing else train
         if "mmlu" not in self.datasets:
             self.setup_mmlu()
 

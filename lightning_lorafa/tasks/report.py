@@ -1,4 +1,5 @@
-"""`FitReport`: after fit, print the result, export the adapter for PEFT and plot the logged curves."""
+"""`FitReport`: after fit, print the result, export the adapter for PEFT (and the merged model) and plot the logged
+curves."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import matplotlib
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.distributed.tensor import DTensor
 
-from lightning_lorafa.convert import count_parameters
+from lightning_lorafa.convert import count_parameters, lorafa_layers
+from lightning_lorafa.export import save_merged
+from lightning_lorafa.layer import is_quantized
 from lightning_lorafa.memory import measure_saved_activations
 from lightning_lorafa.peft_export import export_peft
+from lightning_lorafa.tasks.common import local_path
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -55,18 +60,29 @@ class FitReport(L.Callback):
     Expects a task module (`lightning_lorafa.tasks`): the Hugging Face model in `pl_module.model`, its
     checkpoint in `pl_module.model_name_or_path`, and `pl_module(batch)` returning an output with `.loss`.
 
+    With `export_merged`, it also writes the model with the adapter folded in (`W + s B A`) to
+    `{output_dir}/merged` as a plain transformers checkpoint with its tokenizer (`lightning_lorafa.export`),
+    loadable by `AutoModelForCausalLM.from_pretrained`, vLLM or TGI. A quantized or sharded (FSDP) model is not
+    merged here (the log says so): `lorafa export --format merged` writes it from the checkpoint.
+
     Args:
         output_dir: folder for the adapter and the plot.
         monitor: validation metric to print and plot.
         task_type: PEFT task type written to the adapter config (e.g. "SEQ_CLS", "CAUSAL_LM").
+        export_merged: also write the merged model to `{output_dir}/merged`.
     """
 
     def __init__(
-        self, output_dir: str = "outputs", monitor: str = "val/acc", task_type: str | None = None
+        self,
+        output_dir: str = "outputs",
+        monitor: str = "val/acc",
+        task_type: str | None = None,
+        export_merged: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.monitor = monitor
         self.task_type = task_type
+        self.export_merged = export_merged
         self.summary: dict[str, float | int | str] = {}
 
     def saved_activation_bytes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
@@ -78,6 +94,18 @@ class FitReport(L.Callback):
             report = measure_saved_activations(lambda: pl_module(batch).loss, pl_module)
         pl_module.train(was_training)
         return report.total_bytes
+
+    def write_merged(self, pl_module: L.LightningModule) -> str:
+        """Writes `{output_dir}/merged` (`save_merged`); returns its path, or why it was not written."""
+        model = pl_module.model
+        if any(is_quantized(layer.base) for layer in lorafa_layers(model).values()):
+            return (
+                "not written: the base is quantized; run `lorafa export --format merged` on the checkpoint, which "
+                "merges into the full-precision base"
+            )
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            return "not written: the model is sharded; run `lorafa export --format merged` on the checkpoint"
+        return str(save_merged(model, self.output_dir / "merged", local_path(pl_module.model_name_or_path)))
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -94,6 +122,8 @@ class FitReport(L.Callback):
             pl_module.model, self.output_dir / "adapter", pl_module.model_name_or_path, self.task_type
         )
         self.summary["adapter"] = str(adapter)
+        if self.export_merged:
+            self.summary["merged"] = self.write_merged(pl_module)
         loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
         if loggers:
             loggers[0].save()
@@ -112,4 +142,6 @@ class FitReport(L.Callback):
         ]
         if "plot" in self.summary:
             lines.append(f"plot: {self.summary['plot']}")
+        if self.export_merged:
+            lines.append(f"merged model (transformers format): {self.summary['merged']}")
         rank_zero_info("\n".join(lines))
