@@ -21,8 +21,9 @@ Which code makes the Philox masks is set by the environment variable ``LIGHTNING
 read once, at the first mask on a CUDA device:
 
 - ``auto`` (default): that first mask runs both Triton kernels on a small tensor and compares them with
-  ``philox_keep_mask``. If that raises (no Triton, no working compiler, an unsupported GPU) or differs, one
-  ``RuntimeWarning`` says why and the process takes the PyTorch path: the same masks, slower.
+  ``philox_keep_mask``. If that raises (no Triton, no working compiler, an unsupported GPU) or differs, or a
+  later launch raises (a dtype the compiler rejects), one ``RuntimeWarning`` says why and the process takes the
+  PyTorch path from there on: the same masks, slower.
 - ``triton``: the Triton kernels, unchecked; their errors propagate.
 - ``torch``: ``philox_keep_mask``; Triton is not used.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -57,7 +59,8 @@ _PHILOX_ROUNDS = 10
 #: The first-use check: 3,003 entries (three blocks, the last partly used, not a multiple of 8), a seed with
 #: both 32-bit halves set.
 _CHECK_SHAPE, _CHECK_SEED, _CHECK_P = torch.Size((3, 1001)), 2**62 - 2**31 + 12345, 0.3
-#: Whether the Philox masks come from Triton: None until the first mask on a CUDA device decides.
+#: The backend setting, and whether the Philox masks come from Triton: None until the first mask on a CUDA device.
+_backend_setting: str | None = None
 _triton_selected: bool | None = None
 #: CPU masks of at most this many entries are drawn with ``bernoulli`` (where its per-call cost wins).
 SMALL_MASK = 1024
@@ -248,14 +251,14 @@ def _triton_backend(device: torch.device) -> bool:
     While a CUDA graph is captured before that decision, masks come from the PyTorch path (the same masks):
     the check waits for the device, which capture forbids.
     """
-    global _triton_selected
+    global _backend_setting, _triton_selected
     if _triton_selected is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
-        backend = dropout_backend()
-        if backend == "triton" and triton is None:
+        _backend_setting = dropout_backend()
+        if _backend_setting == "triton" and triton is None:
             raise RuntimeError(f"{BACKEND_VARIABLE}=triton, but Triton cannot be imported: install it, or use 'auto'")
-        _triton_selected = backend == "triton" or (backend == "auto" and _triton_passes_check(device))
+        _triton_selected = _backend_setting == "triton" or (_backend_setting == "auto" and _triton_passes_check(device))
     return _triton_selected
 
 
@@ -267,18 +270,36 @@ def _triton_passes_check(device: torch.device) -> bool:
             torch.cuda.set_sync_debug_mode(0)
         _check_triton_kernels(device)
     except Exception as error:  # any failure of the kernels selects the PyTorch path
-        warnings.warn(
-            f"The Triton dropout kernel failed its first-use check on {device} ({type(error).__name__}: {error}); "
-            f"dropout masks now come from the PyTorch path (the same masks, slower). Set {BACKEND_VARIABLE}=torch "
-            "to skip the check, or =triton to raise instead.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _fall_back(device, error, " its first-use check")
         return False
     finally:
         if debug_mode:
             torch.cuda.set_sync_debug_mode(debug_mode)
     return True
+
+
+def _launch(kernel: Callable[..., torch.Tensor], device: torch.device, *args) -> torch.Tensor | None:
+    """``kernel(*args)``. Where ``auto`` chose Triton, an error (a dtype the GPU's compiler rejects, say) warns
+    and gives None: the PyTorch path makes this mask and all later ones (the same masks)."""
+    try:
+        return kernel(*args)
+    except Exception as error:
+        if _backend_setting != "auto":
+            raise
+        _fall_back(device, error, "")
+        return None
+
+
+def _fall_back(device: torch.device, error: Exception, during: str) -> None:
+    global _triton_selected
+    _triton_selected = False
+    warnings.warn(
+        f"The Triton dropout kernel failed{during} on {device} ({type(error).__name__}: {error}); dropout masks "
+        f"now come from the PyTorch path (the same masks, slower). Set {BACKEND_VARIABLE}=torch to skip the "
+        "Triton kernel, or =triton to raise its errors.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _check_triton_kernels(device: torch.device) -> None:
@@ -308,17 +329,17 @@ def dropout_mask(shape: torch.Size, seed: torch.Tensor, p: float, dtype: torch.d
     device = seed.device
     if not philox_device(device):
         return keep_mask(shape, p, int(seed), device, dtype if dtype in (torch.float32, torch.float64) else torch.bool)
-    if _triton_backend(device):
-        return _triton_mask(shape, seed, p)
-    return philox_keep_mask(shape, seed, p)
+    mask = _launch(_triton_mask, device, shape, seed, p) if _triton_backend(device) else None
+    return philox_keep_mask(shape, seed, p) if mask is None else mask
 
 
 def dropout_mul_eager(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float | None = None) -> torch.Tensor:
     """``x * mask * scale`` (same shape and dtype as ``x``), the mask a function of ``seed`` (0-d int64);
     ``scale`` defaults to ``keep_scale(p)``."""
     scale = keep_scale(p) if scale is None else scale
-    if uses_triton(x):
-        return _triton_dropout_mul(x, seed, p, scale)
+    out = _launch(_triton_dropout_mul, x.device, x, seed, p, scale) if uses_triton(x) else None
+    if out is not None:
+        return out
     out = x.contiguous() * dropout_mask(x.shape, seed, p, x.dtype)  # the PyTorch paths of dropout_mask
     return out if scale == 1.0 else out.mul_(scale)
 

@@ -31,6 +31,7 @@ def cuda_path_on_cpu(monkeypatch):
     """CPU masks are the CUDA path's Philox masks, its backend not yet decided; returns the Triton launches made."""
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
     monkeypatch.setattr(kernels, "_triton_selected", None)
+    monkeypatch.setattr(kernels, "_backend_setting", None)
     monkeypatch.delenv(BACKEND_VARIABLE, raising=False)
     launches = []
 
@@ -139,6 +140,30 @@ def test_auto_keeps_triton_when_the_check_passes(cuda_path_on_cpu, monkeypatch):
         assert launches == ["philox_keep_mask", "_reference_product"]  # the check: one mask, one product
         mask = dropout_mask(SHAPE, torch.tensor(9), 0.3, torch.float32)
     assert launches[2:] == ["philox_keep_mask"] and torch.equal(mask, philox_keep_mask(SHAPE, torch.tensor(9), 0.3))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_a_later_failing_launch_falls_back_under_auto_and_raises_under_triton(backend, cuda_path_on_cpu, monkeypatch):
+    """A kernel that passed the check can still fail for a dtype the GPU's compiler rejects."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv(BACKEND_VARIABLE, backend)
+
+    def product_without_bfloat16(x, seed, p, scale):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("bfloat16 is not supported on this GPU")
+        return _reference_product(x, seed, p, scale)
+
+    monkeypatch.setattr(kernels, "_triton_mask", philox_keep_mask)
+    monkeypatch.setattr(kernels, "_triton_dropout_mul", product_without_bfloat16)
+    x, seed = torch.randn(SHAPE, dtype=torch.bfloat16), torch.tensor(2**62 + 8)
+    assert uses_triton(x)
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="bfloat16 is not supported"):
+            dropout_mul(x, seed, 0.3)
+        return
+    with pytest.warns(RuntimeWarning, match=r"failed on cpu \(RuntimeError: bfloat16 is not supported on this GPU\)"):
+        out = dropout_mul(x, seed, 0.3)
+    assert not uses_triton(x) and torch.equal(out, x * philox_keep_mask(SHAPE, seed, 0.3) * keep_scale(0.3))
 
 
 def test_torch_backend_gives_the_kernels_masks_without_triton(cuda_path_on_cpu, monkeypatch):
