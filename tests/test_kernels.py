@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_lorafa import LoraFALinear
+from lightning_lorafa import LoraFALinear, kernels
 from lightning_lorafa.kernels import (
     SMALL_MASK,
     draw_seed,
@@ -193,3 +194,36 @@ def test_cuda_fused_and_split_dropout_paths_give_the_same_values(dtype, monkeypa
         results.append((out, torch.autograd.grad(out, x, torch.ones_like(out))[0]))
     (fused, fused_grad), (split, split_grad) = results
     assert torch.equal(fused, split) and torch.equal(fused_grad, split_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_kernels_pass_the_first_use_check_and_give_the_reference_masks():
+    """On this GPU the Triton kernels are chosen (no warning) and give ``philox_keep_mask``'s masks, which are
+    the same on CPU; the fused product equals the PyTorch path's ``x * mask * scale`` in every dtype."""
+    pytest.importorskip("triton")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert uses_triton(torch.ones(1, device="cuda")) and kernels._triton_selected is True
+    cases = [((1,), 0, 0.1), ((1031,), 2**62 - 1, 0.5), ((3, 70, 101), 2**32 + 5, 0.9), ((512, 4099), 2**62 + 7, 0.3)]
+    for shape, seed, p in cases:
+        shape, seed = torch.Size(shape), torch.tensor(seed, device="cuda")
+        expected = philox_keep_mask(shape, seed, p)
+        assert torch.equal(dropout_mask(shape, seed, p, torch.float32), expected)
+        assert torch.equal(philox_keep_mask(shape, seed.cpu(), p), expected.cpu())
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(shape, device="cuda", dtype=dtype)
+            assert torch.equal(dropout_mul(x, seed, p), (x * expected).mul_(keep_scale(p)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_graph_capture_before_the_backend_decision_takes_the_pytorch_path(monkeypatch):
+
+    monkeypatch.setattr(kernels, "_triton_selected", None)
+    shape, seed = torch.Size((33, 1001)), torch.tensor(2**62 + 3, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mask = dropout_mask(shape, seed, 0.3, torch.float32)
+    graph.replay()
+    assert kernels._triton_selected is None  # decided at the first mask outside capture
+    assert torch.equal(mask, philox_keep_mask(shape, seed, 0.3))
