@@ -160,7 +160,9 @@ if triton is not None:
         """The 16-bit draws of this program's BLOCK elements and their flat offsets, both (BLOCK // 8, 8).
 
         One Philox call (four 32-bit words) at counter g gives the draws of elements 8g .. 8g + 7:
-        element 8g + j takes the high (j even) or low (j odd) half of word j // 2.
+        element 8g + j takes the high (j even) or low (j odd) half of word j // 2. ``randint4x`` splits the
+        int64 counter into two uint32 words, so Philox-4x32 runs and its words are uint32; the ``& 0xFFFF`` of
+        the high half keeps each draw 16 bits even if a Triton version returned wider words.
         """
         groups = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # (G,)
         r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), groups)  # (G,) uint32 each

@@ -1,4 +1,5 @@
-"""Runs the CUDA dropout path (the Triton kernel) on CPU under Triton's interpreter; prints JSON results.
+"""Runs the CUDA dropout path (the Triton kernels) on CPU under Triton's interpreter, checks them against
+``philox_keep_mask`` and forces the first-use check to fail; prints JSON results.
 
 Started by ``tests/test_kernels.py`` with ``TRITON_INTERPRET=1``, which must be set before Triton is imported.
 """
@@ -11,6 +12,8 @@ import sys
 import warnings
 
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
 from lightning_lorafa import LoraFALinear, kernels
@@ -20,6 +23,13 @@ from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, philo
 
 SHAPES = [(1,), (7,), (3, 5), (1024,), (1031,), (3, 70, 101)]  # numel % 8 != 0, % 1024 != 0, several blocks
 SEEDS = [0, 1, 2**31 - 1, 2**32 + 5, 2**62 - 1, 2**62 + 12345, 2**63 - 1]
+
+
+@triton.jit
+def _word_bits_kernel(out_ptr, seed_ptr):
+    """Stores the bit width of the words ``tl.randint4x`` gives for an int64 counter, as ``_keep_bits`` calls it."""
+    r0, _, _, _ = tl.randint4x(tl.load(seed_ptr), tl.arange(0, 8).to(tl.int64))
+    tl.store(out_ptr, r0.dtype.primitive_bitwidth)
 
 
 def main() -> None:
@@ -37,7 +47,9 @@ def kernel_results() -> dict[str, object]:
     # (16-bit draws compared with p * 2**16), and philox_keep_mask's masks bit for bit.
     large, seed = torch.Size((128, 1031)), torch.tensor(2**61 + 9)
     drop_rates = {p: 1 - kernels._triton_mask(large, seed, p).double().mean().item() for p in (0.1, 0.5, 0.9)}
-    results: dict[str, object] = {"drop_rates": drop_rates}
+    word_bits = torch.zeros((), dtype=torch.int64)
+    _word_bits_kernel[(1,)](word_bits, seed)
+    results: dict[str, object] = {"drop_rates": drop_rates, "randint4x_words_are_32_bit": int(word_bits) == 32}
     mask_equal, product_equal = [], []
     for i, seed in enumerate(SEEDS):
         for j, p in enumerate((0.1, 0.5, 0.9)):
