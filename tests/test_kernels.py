@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_lorafa import LoraFALinear
+from lightning_lorafa import LoraFALinear, kernels
 from lightning_lorafa.kernels import (
     SMALL_MASK,
     draw_seed,
@@ -20,6 +21,9 @@ from lightning_lorafa.kernels import (
     dropout_mul,
     effective_p,
     keep_scale,
+    philox4x32,
+    philox_bits,
+    philox_keep_mask,
     uses_triton,
 )
 
@@ -71,9 +75,63 @@ def test_cpu_path_runs_without_triton_kernel():
     assert empty.shape == (0, 3)
 
 
+@pytest.mark.parametrize(
+    "counter, key, expected",
+    [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ],
+    ids=["zeros", "ones", "pi"],
+)
+def test_philox4x32_gives_random123_known_answers(counter, key, expected):
+    """The PyTorch Philox is Random123's Philox-4x32-10 (its published known-answer vectors), which is what
+    ``tl.randint4x`` computes (the interpreter test checks the kernel against it bit for bit)."""
+    words = philox4x32(tuple(torch.tensor([c]) for c in counter), tuple(torch.tensor(k) for k in key))
+    assert [int(w) for w in words] == list(expected)
+
+
+def test_philox_bits_are_uniform_16_bit_draws_in_the_kernel_layout():
+    seed = torch.tensor(2**62 - 7)
+    bits = philox_bits(2**18 + 5, seed)  # not a multiple of 8: the last group is partly used
+    assert bits.shape == (2**18 + 5,) and bits.dtype == torch.int64
+    assert int(bits.min()) == 0 and int(bits.max()) == 2**16 - 1  # 16-bit values, no wider
+    set_rate = torch.stack([(bits >> b) & 1 for b in range(16)]).double().mean(dim=1)  # each bit: set half the time
+    assert (set_rate - 0.5).abs().max() < 0.005, set_rate  # standard error 0.001
+    lane_low = (bits[: 2**18].view(-1, 8) < 2**15).double().mean(dim=0)  # each of the 8 lanes of a draw
+    assert (lane_low - 0.5).abs().max() < 0.012, lane_low  # 32,768 draws each: standard error 0.0028
+    words = philox4x32(
+        (torch.tensor([1]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0])), (seed & 0xFFFFFFFF, seed >> 32)
+    )
+    assert bits[8:16].tolist() == [half for w in words for half in (int(w) >> 16, int(w) & 0xFFFF)]  # group 1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_philox_keep_mask_drops_p(p):
+    mask = philox_keep_mask(torch.Size((128, 1031)), torch.tensor(2**40 + 3), p)
+    assert mask.shape == (128, 1031) and mask.dtype == torch.bool
+    assert abs(1 - mask.double().mean().item() - effective_p(p)) < 0.005  # 131,968 draws: standard error < 0.0014
+
+
+def test_philox_keep_mask_is_a_pure_function_of_seed_shape_and_p():
+    shape, seed = torch.Size((5, 7, 3)), torch.tensor(2**33 + 1)
+    mask = philox_keep_mask(shape, seed, 0.3)
+    assert torch.equal(philox_keep_mask(shape, seed.clone(), 0.3), mask)
+    assert torch.equal(philox_keep_mask(torch.Size((105,)), seed, 0.3), mask.view(-1))  # element i: draw i
+    assert not torch.equal(philox_keep_mask(shape, seed + 1, 0.3), mask)  # the key's low half
+    assert not torch.equal(philox_keep_mask(shape, seed + 2**32, 0.3), mask)  # and its high half
+    assert not (philox_keep_mask(shape, seed, 0.6) & ~mask).any()  # a larger p drops a superset
+    assert philox_keep_mask(torch.Size((0, 3)), seed, 0.3).shape == (0, 3)
+
+
 def test_triton_kernel_under_interpreter():
-    """The CUDA path's Triton kernel, run by Triton's CPU interpreter: a seeded, unbiased mask that forward and
-    backward rebuild identically."""
+    """The CUDA path's Triton kernel, run by Triton's CPU interpreter: a seeded mask that drops ``p`` of the
+    entries, equals ``philox_keep_mask`` bit for bit and is rebuilt identically in backward; a kernel that fails
+    the first-use check warns once and the PyTorch path then gives the kernel's masks."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
@@ -85,9 +143,15 @@ def test_triton_kernel_under_interpreter():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    drop_rates = results.pop("drop_rates")  # 131,968 draws each: the standard error is at most 0.0014
+    assert all(abs(rate - float(p)) < 0.005 for p, rate in drop_rates.items()) and len(drop_rates) == 3, drop_rates
+    assert results.pop("mask_kernel_equals_reference") and results.pop("product_kernel_equals_reference")
     assert results.pop("uses_triton") is True
     assert results.pop("values") == [0.0, pytest.approx(keep_scale(0.25))]
     assert abs(results.pop("dropped") - 0.25) < 0.01  # 21,210 draws: the standard error is 0.003
+    (warning,) = results.pop("fallback_warnings")  # one, although three masks were made after the check
+    assert "failed its first-use check" in warning and "differs from the reference in 1 of 3003 entries" in warning
+    assert "PyTorch path" in warning
     assert all(results.values()), results
 
 
@@ -130,3 +194,36 @@ def test_cuda_fused_and_split_dropout_paths_give_the_same_values(dtype, monkeypa
         results.append((out, torch.autograd.grad(out, x, torch.ones_like(out))[0]))
     (fused, fused_grad), (split, split_grad) = results
     assert torch.equal(fused, split) and torch.equal(fused_grad, split_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_kernels_pass_the_first_use_check_and_give_the_reference_masks():
+    """On this GPU the Triton kernels are chosen (no warning) and give ``philox_keep_mask``'s masks, which are
+    the same on CPU; the fused product equals the PyTorch path's ``x * mask * scale`` in every dtype."""
+    pytest.importorskip("triton")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert uses_triton(torch.ones(1, device="cuda")) and kernels._triton_selected is True
+    cases = [((1,), 0, 0.1), ((1031,), 2**62 - 1, 0.5), ((3, 70, 101), 2**32 + 5, 0.9), ((512, 4099), 2**62 + 7, 0.3)]
+    for shape, seed, p in cases:
+        shape, seed = torch.Size(shape), torch.tensor(seed, device="cuda")
+        expected = philox_keep_mask(shape, seed, p)
+        assert torch.equal(dropout_mask(shape, seed, p, torch.float32), expected)
+        assert torch.equal(philox_keep_mask(shape, seed.cpu(), p), expected.cpu())
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(shape, device="cuda", dtype=dtype)
+            assert torch.equal(dropout_mul(x, seed, p), (x * expected).mul_(keep_scale(p)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_graph_capture_before_the_backend_decision_takes_the_pytorch_path(monkeypatch):
+
+    monkeypatch.setattr(kernels, "_triton_selected", None)
+    shape, seed = torch.Size((33, 1001)), torch.tensor(2**62 + 3, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mask = dropout_mask(shape, seed, 0.3, torch.float32)
+    graph.replay()
+    assert kernels._triton_selected is None  # decided at the first mask outside capture
+    assert torch.equal(mask, philox_keep_mask(shape, seed, 0.3))

@@ -1,4 +1,5 @@
-"""Runs the CUDA dropout path (the Triton kernel) on CPU under Triton's interpreter; prints JSON results.
+"""Runs the CUDA dropout path (the Triton kernels) on CPU under Triton's interpreter, checks them against
+``philox_keep_mask`` and forces the first-use check to fail; prints JSON results.
 
 Started by ``tests/test_kernels.py`` with ``TRITON_INTERPRET=1``, which must be set before Triton is imported.
 """
@@ -8,19 +9,60 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
-from lightning_lorafa import LoraFALinear
+from lightning_lorafa import LoraFALinear, kernels
 from lightning_lorafa import dropout as dropout_module
 from lightning_lorafa.dropout import RecomputedDropout
-from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, uses_triton
+from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, philox_keep_mask, uses_triton
+
+SHAPES = [(1,), (7,), (3, 5), (1024,), (1031,), (3, 70, 101)]  # numel % 8 != 0, % 1024 != 0, several blocks
+SEEDS = [0, 1, 2**31 - 1, 2**32 + 5, 2**62 - 1, 2**62 + 12345, 2**63 - 1]
+
+
+@triton.jit
+def _word_bits_kernel(out_ptr, seed_ptr):
+    """Stores the bit width of the words ``tl.randint4x`` gives for an int64 counter, as ``_keep_bits`` calls it."""
+    r0, _, _, _ = tl.randint4x(tl.load(seed_ptr), tl.arange(0, 8).to(tl.int64))
+    tl.store(out_ptr, r0.dtype.primitive_bitwidth)
 
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    results: dict[str, object] = {"uses_triton": uses_triton(torch.ones(1))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = kernel_results()
+    results["check_passed_without_warning"] = kernels._triton_selected is True and not caught
+    results.update(fallback_results())
+    json.dump(results, sys.stdout)
+
+
+def kernel_results() -> dict[str, object]:
+    # The kernels themselves (whatever the first-use check decides): the realised drop rate of a large mask
+    # (16-bit draws compared with p * 2**16), and philox_keep_mask's masks bit for bit.
+    large, seed = torch.Size((128, 1031)), torch.tensor(2**61 + 9)
+    drop_rates = {p: 1 - kernels._triton_mask(large, seed, p).double().mean().item() for p in (0.1, 0.5, 0.9)}
+    word_bits = torch.zeros((), dtype=torch.int64)
+    _word_bits_kernel[(1,)](word_bits, seed)
+    results: dict[str, object] = {"drop_rates": drop_rates, "randint4x_words_are_32_bit": int(word_bits) == 32}
+    mask_equal, product_equal = [], []
+    for i, seed in enumerate(SEEDS):
+        for j, p in enumerate((0.1, 0.5, 0.9)):
+            shape, seed_tensor = torch.Size(SHAPES[(i + j) % len(SHAPES)]), torch.tensor(seed)
+            expected = philox_keep_mask(shape, seed_tensor, p)
+            mask_equal.append(torch.equal(kernels._triton_mask(shape, seed_tensor, p), expected))
+            product = kernels._triton_dropout_mul(torch.ones(shape), seed_tensor, p, 2.0)
+            product_equal.append(torch.equal(product, 2.0 * expected))
+    results["mask_kernel_equals_reference"] = all(mask_equal) and len(mask_equal) == 21
+    results["product_kernel_equals_reference"] = all(product_equal)
+
+    # The CUDA path of the public functions.
+    results["uses_triton"] = uses_triton(torch.ones(1))
     ones = torch.ones(3, 70, 101)  # 21,210 elements: 21 blocks, the last one partly masked
     seed = torch.tensor(2**40 + 17)
     scale = dropout_mul(ones, seed, 0.25)
@@ -84,7 +126,36 @@ def main() -> None:
             and same(fused_grad, split_grad)
             and (fused_fn, split_fn) == ("_SeededDropoutBackward", "AddcmulBackward0")
         )
-    json.dump(results, sys.stdout)
+    return results
+
+
+def fallback_results() -> dict[str, object]:
+    """A mask kernel that is wrong in one entry fails the first-use check: one warning, then the PyTorch path,
+    whose masks (forward and backward) are the real kernel's."""
+    triton_mask = kernels._triton_mask
+
+    def one_entry_wrong(shape, seed, p):
+        mask = triton_mask(shape, seed, p)
+        mask.view(-1)[0] ^= True
+        return mask
+
+    kernels._triton_selected, kernels._triton_mask = None, one_entry_wrong
+    y = torch.randn(6, 301, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(5)
+        dropped = RecomputedDropout(0.3).train()(y)
+        (grad,) = torch.autograd.grad(dropped, y, torch.ones_like(dropped))
+        dropout_mul(y, draw_seed(y.device), 0.3)
+    torch.manual_seed(5)
+    kernel_mask = triton_mask(y.shape, draw_seed(y.device), 0.3)
+    kernels._triton_mask = triton_mask
+    return {
+        "fallback_warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+        "fallback_selected": kernels._triton_selected is False and not uses_triton(y),
+        "fallback_forward_is_kernel_mask": torch.equal(dropped != 0, kernel_mask),
+        "fallback_backward_is_kernel_mask": torch.equal(grad != 0, kernel_mask),
+    }
 
 
 if __name__ == "__main__":
