@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import zlib
 from collections.abc import Iterable
@@ -10,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from lightning_lorafa.init import check_init_a
-from lightning_lorafa.layer import LoraFALinear, check_lora_arguments
+from lightning_lorafa.layer import LoraFALinear, check_lora_arguments, is_linear, linear_features
+
+log = logging.getLogger(__name__)
 
 #: Module names treated as output heads: "all-linear" leaves them alone (train them with ``modules_to_save``).
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
@@ -66,20 +69,26 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear", exclude: Targets = None) -> list[str]:
+def find_target_modules(
+    model: nn.Module, target_modules: Targets = "all-linear", exclude: Targets = None, r: int | None = None
+) -> list[str]:
     """Names of the modules ``apply_lorafa`` would convert, in ``named_modules`` order.
 
-    ``"all-linear"`` selects every ``nn.Linear`` except output heads (``lm_head``, ``classifier``, ``score``, ...);
+    ``"all-linear"`` selects every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's linears, weight stored
+    (d_in, d_out)) except output heads (``lm_head``, ``classifier``, ``score``, ...) and, when ``r`` is given,
+    gates narrower than ``r`` (e.g. Qwen2-MoE's ``shared_expert_gate``, hidden -> 1), which it logs by name;
     a string is a full-match regex over module names; a list holds names or dotted suffixes (``"q_proj"``).
 
     Raises:
         ValueError: nothing matches (the message lists the linear layers that exist).
-        TypeError: a matched module is not an ``nn.Linear``.
+        TypeError: a matched module is not an ``nn.Linear`` or ``Conv1D``.
     """
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = [name for name, module in model.named_modules() if is_linear(module)]
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         selected = [name for name in linears if not _is_under(name, heads)]
+        if r is not None:
+            selected = _skip_narrow_layers(model, selected, r)
         candidates = dict.fromkeys(selected)
     else:
         candidates = {
@@ -94,13 +103,30 @@ def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear"
             "(e.g. ['query', 'value']), a regex, or 'all-linear'."
         )
     modules = dict(model.named_modules())
-    wrong = [f"{name} ({type(modules[name]).__name__})" for name in names if not isinstance(modules[name], nn.Linear)]
+    wrong = [f"{name} ({type(modules[name]).__name__})" for name in names if not is_linear(modules[name])]
     if wrong:
         raise TypeError(
             f"LoRA-FA adapts nn.Linear layers only; target_modules={target_modules!r} matched: {', '.join(wrong)}. "
             "Narrow target_modules (a list of suffixes matches whole name components) or add them to exclude."
         )
     return names
+
+
+def _skip_narrow_layers(model: nn.Module, names: list[str], r: int) -> list[str]:
+    """``names`` without the gates and routers that a rank-``r`` branch does not fit, each logged with its shape:
+    layers whose narrow side is below ``r`` and at most a quarter of the other (Qwen2-MoE's ``shared_expert_gate``,
+    hidden -> 1; a router, hidden -> experts). "all-linear" adapts the rest instead of refusing the model; any other
+    layer narrower than ``r`` (a k_proj at r above its width) is still refused by ``apply_lorafa``."""
+    modules = dict(model.named_modules())
+    kept = []
+    for name in names:
+        d_in, d_out = linear_features(modules[name])
+        narrow, wide = min(d_in, d_out), max(d_in, d_out)
+        if narrow < r and 4 * narrow <= wide:
+            log.info("LoRA-FA: all-linear leaves %s (%d -> %d) out: a gate narrower than r=%d.", name, d_in, d_out, r)
+        else:
+            kept.append(name)
+    return kept
 
 
 def _shorten(names: list[str], limit: int = 40) -> list[str]:
@@ -159,14 +185,14 @@ def apply_lorafa(
             "Convert a fresh model, or call merge_lorafa(model) first to fold the adapters into plain linears."
         )
     save_names = _resolve_modules_to_save(model, modules_to_save)
-    names = [name for name in find_target_modules(model, target_modules, exclude) if not _is_under(name, save_names)]
+    names = [name for name in find_target_modules(model, target_modules, exclude, r) if not _is_under(name, save_names)]
     if not names:
         raise ValueError(f"Every module matched by target_modules={target_modules!r} lies inside modules_to_save.")
     modules = dict(model.named_modules())
     too_small = [
-        f"{name} ({modules[name].in_features} -> {modules[name].out_features})"
+        f"{name} ({' -> '.join(map(str, linear_features(modules[name])))})"
         for name in names
-        if r > min(modules[name].in_features, modules[name].out_features)
+        if r > min(linear_features(modules[name]))
     ]
     if too_small:
         raise ValueError(
@@ -179,7 +205,7 @@ def apply_lorafa(
         layer = LoraFALinear(
             modules[name], r, alpha, dropout=dropout, use_rslora=use_rslora, seed=layer_seed(seed, name), init_a=init_a
         )
-        setattr(parent, child, layer)
+        setattr(parent, child, layer.train(modules[name].training))  # an eval model stays in eval mode
 
     for param_name, param in model.named_parameters():
         param.requires_grad_(param_name.endswith("lora_B") or _is_under(param_name, save_names))

@@ -1,7 +1,9 @@
 """Export a LoRA-FA adapter in Hugging Face PEFT's LoRA format.
 
 PEFT's LoRA computes the same ``base(x) + s * dropout(x) A^T B^T``; its format does not record that
-A was frozen, so the exported A is the exact A we trained with. The directory loads with
+A was frozen, so the exported A is the exact A we trained with. Layers on transformers' ``Conv1D`` (GPT-2)
+are exported with ``fan_in_fan_out``, PEFT's flag for that weight layout; A and B keep their shapes. The directory
+loads with
 ``peft.PeftModel.from_pretrained(base_model, directory)``.
 """
 
@@ -69,7 +71,9 @@ def export_peft(
         "target_modules": sorted(config.target_modules),
         "modules_to_save": config.modules_to_save or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT sets fan_in_fan_out per layer from its type (True for Conv1D, False for nn.Linear), warning when
+        # the config says otherwise; say True when any layer stores its weight (d_in, d_out).
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in lorafa_layers(model).values()),
         "init_lora_weights": True,
         "inference_mode": True,
     }
