@@ -175,10 +175,6 @@ def recomputed_dropout_sdpa(
     return out.transpose(1, 2).contiguous(), None
 
 
-
-
-
-
 def register_seeded_dropout_attention() -> bool:
     """Register ``recomputed_dropout_sdpa`` (and SDPA's mask builder) as ``RECOMPUTED_DROPOUT_SDPA`` with
     transformers, once; False when transformers' SDPA function could not be imported (``_compat``)."""
@@ -203,9 +199,11 @@ def use_seeded_dropout_attention(model: nn.Module) -> tuple[list[str], dict[str,
     """
     switched: list[str] = []
     kept: dict[str, str] = {}
+    configs: set[int] = set()  # a base model inside a task model shares its config: one decision, one log line
     for name, module in model.named_modules():
-        if not isinstance(module, PreTrainedModel):
+        if not isinstance(module, PreTrainedModel) or id(module.config) in configs:
             continue
+        configs.add(id(module.config))
         label = f"{name}.attn_implementation" if name else "attn_implementation"
         current = _compat.attn_implementation(module)
         if current == RECOMPUTED_DROPOUT_SDPA:

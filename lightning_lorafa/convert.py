@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lorafa.layer import LoraFALinear
+from lightning_lorafa.layer import LoraFALinear, is_linear, linear_features
 from lightning_lorafa.settings import AdapterSettings, Targets, adapter_settings
 
 log = logging.getLogger(__name__)
@@ -75,20 +75,26 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear", exclude: Targets = None) -> list[str]:
+def find_target_modules(
+    model: nn.Module, target_modules: Targets = "all-linear", exclude: Targets = None, r: int | None = None
+) -> list[str]:
     """Names of the modules ``apply_lorafa`` would convert, in ``named_modules`` order.
 
-    ``"all-linear"`` selects every ``nn.Linear`` except output heads (``lm_head``, ``classifier``, ``score``, ...);
+    ``"all-linear"`` selects every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's linears, weight stored
+    (d_in, d_out)) except output heads (``lm_head``, ``classifier``, ``score``, ...) and, when ``r`` is given,
+    gates narrower than ``r`` (e.g. Qwen2-MoE's ``shared_expert_gate``, hidden -> 1), which it logs by name;
     a string is a full-match regex over module names; a list holds names or dotted suffixes (``"q_proj"``).
 
     Raises:
         ValueError: nothing matches (the message lists the linear layers that exist).
-        TypeError: a matched module is not an ``nn.Linear``.
+        TypeError: a matched module is not an ``nn.Linear`` or ``Conv1D``.
     """
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = [name for name, module in model.named_modules() if is_linear(module)]
     if target_modules == "all-linear":
         heads = _output_head_names(model)
         selected = [name for name in linears if not _is_under(name, heads)]
+        if r is not None:
+            selected = _skip_narrow_layers(model, selected, r)
         candidates = dict.fromkeys(selected)
     else:
         candidates = {
@@ -98,15 +104,30 @@ def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear"
     if not names:
         raise ValueError(_no_match_message(model, linears, target_modules, exclude))
     modules = dict(model.named_modules())
-    wrong = [
-        f"{_path(name)} ({type(modules[name]).__name__})" for name in names if not isinstance(modules[name], nn.Linear)
-    ]
+    wrong = [f"{_path(name)} ({type(modules[name]).__name__})" for name in names if not is_linear(modules[name])]
     if wrong:
         raise TypeError(
             f"LoRA-FA adapts nn.Linear layers only; target_modules={target_modules!r} matched: {', '.join(wrong)}. "
             "Narrow target_modules (a list of suffixes matches whole name components) or add them to exclude."
         )
     return names
+
+
+def _skip_narrow_layers(model: nn.Module, names: list[str], r: int) -> list[str]:
+    """``names`` without the gates and routers that a rank-``r`` branch does not fit, each logged with its shape:
+    layers whose narrow side is below ``r`` and at most a quarter of the other (Qwen2-MoE's ``shared_expert_gate``,
+    hidden -> 1; a router, hidden -> experts). "all-linear" adapts the rest instead of refusing the model; any other
+    layer narrower than ``r`` (a k_proj at r above its width) is still refused by ``apply_lorafa``."""
+    modules = dict(model.named_modules())
+    kept = []
+    for name in names:
+        d_in, d_out = linear_features(modules[name])
+        narrow, wide = min(d_in, d_out), max(d_in, d_out)
+        if narrow < r and 4 * narrow <= wide:
+            log.info("LoRA-FA: all-linear leaves %s (%d -> %d) out: a gate narrower than r=%d.", name, d_in, d_out, r)
+        else:
+            kept.append(name)
+    return kept
 
 
 def _no_match_message(model: nn.Module, linears: list[str], target_modules: Targets, exclude: Targets) -> str:
@@ -202,16 +223,16 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
     else:
         save_names = _resolve_modules_to_save(model, settings.modules_to_save)
     target_modules = settings.target_modules
-    names = [n for n in find_target_modules(model, target_modules, settings.exclude) if not _is_under(n, save_names)]
+    names = [n for n in find_target_modules(model, target_modules, settings.exclude, r) if not _is_under(n, save_names)]
     if not names:
         raise ValueError(
             f"Every module matched by target_modules={target_modules!r} lies inside modules_to_save={save_names}."
         )
     modules = dict(model.named_modules())
     too_small = [
-        f"{_path(name)} ({modules[name].in_features} -> {modules[name].out_features})"
+        f"{_path(name)} ({' -> '.join(map(str, linear_features(modules[name])))})"
         for name in names
-        if r > min(modules[name].in_features, modules[name].out_features)
+        if r > min(linear_features(modules[name]))
     ]
     if too_small:
         raise ValueError(
@@ -231,7 +252,7 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
             seed=layer_seed(settings.seed, name),
             init_a=settings.init_a,
         )
-        setattr(parent, child, layer)
+        setattr(parent, child, layer.train(modules[name].training))  # an eval model stays in eval mode
 
     for param_name, param in model.named_parameters():
         param.requires_grad_(param_name.endswith("lora_B") or _is_under(param_name, save_names))

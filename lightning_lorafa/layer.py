@@ -8,7 +8,9 @@ nor a mask. The frozen ``base(x)`` keeps only its weight (autograd saves ``x`` f
 when the weight needs a gradient).
 
 The base may be a quantized bitsandbytes ``Linear4bit``/``Linear8bitLt`` (both subclass ``nn.Linear``):
-B then stays in float32 and merging is refused.
+B then stays in float32 and merging is refused. It may also be transformers' ``Conv1D`` (GPT-2 and the models
+built on it), a linear whose weight is stored transposed, (d_in, d_out): ``fan_in_fan_out`` is then True, A and
+B keep the shapes above, and merging adds ``(s B A)^T``, as PEFT's ``fan_in_fan_out`` does.
 
 B's gradient correction ``g_B (A A^T)^{-1} / s^2`` is linear in ``g_B``, so it may run in backward on
 each rank's full local gradient (``correct_in_backward``) as well as in the optimizer: sums and means
@@ -29,6 +31,13 @@ from lightning_lorafa.dropout import apply_seeded_mask
 from lightning_lorafa.init import check_init_a, initialize_lora_A
 from lightning_lorafa.kernels import keep_scale
 from lightning_lorafa.memory import register_weight_copy
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional for plain torch models
+
+    class Conv1D(nn.Module):  # a stand-in no module is an instance of
+        pass
 
 
 def add_lora_fa_branch(
@@ -57,7 +66,8 @@ class LoraFALinear(nn.Module):
     """A frozen ``nn.Linear`` with a LoRA-FA branch: ``y = base(x) + s * dropout(x) A^T B^T``.
 
     Args:
-        base: the linear layer to adapt; its parameters are frozen. Shapes: weight (d_out, d_in).
+        base: the linear layer to adapt; its parameters are frozen. Shapes: weight (d_out, d_in), or
+            (d_in, d_out) for transformers' ``Conv1D``.
         r: rank of the branch, ``1 <= r <= min(d_in, d_out)``.
         alpha: scale numerator: ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: probability of dropping entries of x on the branch, in [0, 1). Its mask is
@@ -75,18 +85,19 @@ class LoraFALinear(nn.Module):
             base is quantized.
         scaling: ``s``.
         merged: whether ``s * B A`` is currently folded into ``base.weight``.
+        fan_in_fan_out: the base stores its weight (d_in, d_out) (transformers' ``Conv1D``).
         correct_in_backward: apply the gradient correction in backward, so that ``lora_B.grad`` is
             already corrected (set by the ``LoraFA`` callback under FSDP1; ``LoraFAOptimizer`` then
             leaves this layer's gradient alone).
 
     Raises:
-        TypeError: ``base`` is not an ``nn.Linear``.
+        TypeError: ``base`` is not an ``nn.Linear`` or a transformers ``Conv1D``.
         ValueError: ``r``, ``alpha`` or ``dropout`` out of range.
     """
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Linear | Conv1D,
         r: int,
         alpha: float,
         dropout: float = 0.0,
@@ -97,14 +108,18 @@ class LoraFALinear(nn.Module):
         super().__init__()
         check_lora_arguments(r, alpha, dropout)
         check_init_a(init_a)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__}.")
-        if r > min(base.in_features, base.out_features):
+        if not is_linear(base):
+            raise TypeError(
+                f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__} (transformers' Conv1D works too)."
+            )
+        d_in, d_out = linear_features(base)
+        if r > min(d_in, d_out):
             raise ValueError(
-                f"r={r} exceeds min(in_features, out_features)={min(base.in_features, base.out_features)} "
-                f"of this layer ({base.in_features} -> {base.out_features}); choose a smaller r."
+                f"r={r} exceeds min(in_features, out_features)={min(d_in, d_out)} "
+                f"of this layer ({d_in} -> {d_out}); choose a smaller r."
             )
         self.base = base
+        self.fan_in_fan_out = isinstance(base, Conv1D)
         self.base.requires_grad_(False)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
         self.seed, self.init_a = seed, init_a
@@ -112,8 +127,8 @@ class LoraFALinear(nn.Module):
         weight = base.weight
         full_precision = weight.is_floating_point() and not is_quantized(base)
         factory = {"device": weight.device, "dtype": weight.dtype if full_precision else torch.float32}
-        self.register_buffer("lora_A", torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
+        self.register_buffer("lora_A", torch.empty(r, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.empty(d_out, r, **factory))
         self.merged = False
         self.correct_in_backward = False
         self._scaled_A: dict[tuple[torch.dtype, float], tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -130,15 +145,16 @@ class LoraFALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.lora_A.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.lora_B.shape[0]
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight (d_out, d_in); models such as T5 read ``layer.weight.dtype``."""
+        """The frozen base weight (d_out, d_in), or (d_in, d_out) for a ``Conv1D`` base; models such as T5 read
+        ``layer.weight.dtype``."""
         return self.base.weight
 
     @property
@@ -180,8 +196,10 @@ class LoraFALinear(nn.Module):
         return cached[2]
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` (d_out, d_in), computed in float32."""
-        return (self.lora_B.detach().float() @ self.lora_A.float()) * self.scaling
+        """``s * B A`` (d_out, d_in), computed in float32; transposed, (d_in, d_out), for a ``Conv1D`` base,
+        so that it adds to ``base.weight`` as stored."""
+        delta = (self.lora_B.detach().float() @ self.lora_A.float()) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
 
     def _check_mergeable(self) -> None:
         if is_quantized(self.base):
@@ -215,6 +233,19 @@ class LoraFALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``LoraFALinear`` can adapt ``module``: an ``nn.Linear`` (bitsandbytes' quantized ones included)
+    or transformers' ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (weight (d_in, d_out))."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
 
 
 def is_quantized(linear: nn.Module) -> bool:

@@ -1,7 +1,9 @@
 """Export a LoRA-FA adapter in Hugging Face PEFT's LoRA format.
 
 PEFT's LoRA computes the same ``base(x) + s * dropout(x) A^T B^T``; its format does not record that
-A was frozen, so the exported A is the exact A we trained with. The directory loads with
+A was frozen, so the exported A is the exact A we trained with. Layers on transformers' ``Conv1D`` (GPT-2)
+are exported with ``fan_in_fan_out``, PEFT's flag for that weight layout; A and B keep their shapes. The directory
+loads with
 ``peft.PeftModel.from_pretrained(base_model, directory)``.
 """
 
@@ -22,15 +24,62 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 _PREFIX = "base_model.model."
 
 
-def peft_state_dict(model: nn.Module) -> dict:
-    """Adapter tensors under PEFT's key names (``base_model.model.<module>.lora_A.weight`` ...)."""
+#: The modules_to_save PEFT adds by itself for a task type (``PeftModelForSequenceClassification`` ...).
+TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+
+def _peft_suffix_matches(model: nn.Module, entry: str) -> list[str]:
+    """Module names (relative to ``model``) that PEFT wraps for a ``modules_to_save`` entry: it wraps every module
+    of the ``PeftModel`` whose name ends with the entry as a string (``"classifier"`` matches ``pre_classifier``)."""
+    return [name for name, _ in model.named_modules() if name and (_PREFIX + name).endswith(entry)]
+
+
+def peft_modules_to_save(model: nn.Module, task_type: str | None = None) -> tuple[list[str], list[str]]:
+    """``(entries, wrapped)``: the ``modules_to_save`` entries to write into PEFT's config, and the modules PEFT will
+    wrap when loading (ours plus those its ``task_type`` adds), whose tensors the adapter file must hold.
+
+    An entry whose bare name PEFT would also match elsewhere (DistilBERT's ``classifier`` and ``pre_classifier``)
+    is written as ``model.<name>``, which PEFT's suffix rule matches exactly (its module names start with
+    ``base_model.model.``).
+
+    Raises:
+        ValueError: a module PEFT's task type would wrap by itself is, or holds, a LoRA-FA layer.
+    """
     config = get_lorafa_config(model)
+    adapted = list(lorafa_layers(model))
+    entries = []
+    for name in config.modules_to_save:
+        exact = [match for match in _peft_suffix_matches(model, name) if match != name]
+        entries.append("model." + name if exact else name)
+    wrapped = list(config.modules_to_save)
+    for entry in TASK_MODULES_TO_SAVE.get(task_type or "", []):
+        for match in _peft_suffix_matches(model, entry):
+            clash = [layer for layer in adapted if layer == match or layer.startswith(match + ".")]
+            if clash:
+                raise ValueError(
+                    f"PEFT's task_type={task_type!r} adds modules_to_save={TASK_MODULES_TO_SAVE[task_type]} and "
+                    f"matches them by bare suffix: {entry!r} also matches {match!r}, which holds the adapted layer(s) "
+                    f"{clash[:3]}, and PeftModel.from_pretrained would fail. Export with task_type=None (load with "
+                    "PeftModel.from_pretrained(model, directory)), or convert with exclude=[...] naming that layer."
+                )
+            if match not in wrapped and not any(match.startswith(saved + ".") for saved in wrapped):
+                wrapped.append(match)
+    return entries, wrapped
+
+
+def peft_state_dict(model: nn.Module, task_type: str | None = None) -> dict:
+    """Adapter tensors under PEFT's key names (``base_model.model.<module>.lora_A.weight`` ...), and the full
+    tensors of every module PEFT wraps as ``modules_to_save`` when loading for ``task_type``."""
     tensors = {}
     for name, layer in lorafa_layers(model).items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
     modules = dict(model.named_modules())
-    for name in config.modules_to_save:
+    for name in peft_modules_to_save(model, task_type)[1]:
         for key, tensor in modules[name].state_dict().items():
             tensors[f"{_PREFIX}{name}.{key}"] = tensor.detach()
     return {key: tensor.cpu().contiguous() for key, tensor in tensors.items()}
@@ -51,13 +100,16 @@ def export_peft(
         task_type: PEFT task type (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``), or None for a plain ``PeftModel``.
 
     Raises:
-        ValueError: the model was not converted, or its layers are merged.
+        ValueError: the model was not converted, its layers are merged, or PEFT's ``task_type`` would wrap an
+            adapted layer as a ``modules_to_save`` module (the message says what to pass instead).
     """
     config = get_lorafa_config(model)
     merged = [name for name, layer in lorafa_layers(model).items() if layer.merged]
     if merged:
         raise ValueError(f"Layers {merged[:4]} are merged; call unmerge() on them before exporting the adapter.")
     directory = Path(directory)
+    modules_to_save, _ = peft_modules_to_save(model, task_type)
+    tensors = peft_state_dict(model, task_type)
     peft_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -67,13 +119,14 @@ def export_peft(
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "target_modules": sorted(config.target_modules),
-        "modules_to_save": config.modules_to_save or None,
+        "modules_to_save": modules_to_save or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT sets fan_in_fan_out per layer from its type (True for Conv1D, False for nn.Linear), warning when
+        # the config says otherwise; say True when any layer stores its weight (d_in, d_out).
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in lorafa_layers(model).values()),
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    tensors = peft_state_dict(model)
     atomic_write(directory / PEFT_WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / PEFT_CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2)))
     return directory

@@ -1,0 +1,137 @@
+"""The compatibility matrix: every listed architecture, as a tiny random model, through conversion, training,
+export, merge and the ``LoraFA`` callback (``docs/models.md`` is the table of these results)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import randomize_lora_B
+from torch.utils.data import DataLoader
+
+from lightning_lorafa import LoraFA, apply_lorafa, export_peft, lorafa_layers, merge_lorafa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import models_table  # noqa: E402
+from models_table import ARCHS, build, logits_of  # noqa: E402
+
+NAMES = list(ARCHS)
+#: What PEFT LoRA's all-linear adapts and ours does not, by last name component, beyond heads and narrow gates.
+KNOWN_GAPS = {"Mixtral": {"experts", "gate", "base_layer"}, "Qwen3-MoE": {"experts", "gate", "base_layer"}}
+HEADS = {"head", "dense", "out_proj", "classifier", "pre_classifier"}  # heads (and their layers) PEFT adapts
+
+
+def converted(name: str, dropout: float = 0.1) -> torch.nn.Module:
+    model = build(name, dropout)
+    apply_lorafa(model, r=4, alpha=8, dropout=dropout, modules_to_save=ARCHS[name].modules_to_save)
+    return model
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapts_what_peft_lora_adapts(name):
+    ours = set(converted(name).lorafa_config.target_modules)
+    peft = set(models_table.peft_targets(name))
+    assert ours, name
+    assert ours <= peft
+    # What PEFT adapts beyond ours is a head the user trains with modules_to_save, or a gate narrower than r.
+    left = {n.rsplit(".", 1)[-1] for n in peft - ours}
+    assert left <= HEADS | {"shared_expert_gate"} | KNOWN_GAPS.get(name, set()), left
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_equal_only_B_trains_export_and_merge(name, tmp_path):
+    from peft import PeftModel
+
+    arch = ARCHS[name]
+    reference, model = build(name, 0.1).requires_grad_(False), converted(name)
+    batch = arch.batch()
+    # The reference is frozen like the converted model: CPU SDPA takes another kernel for a mask that needs a
+    # gradient (T5's position bias), which rounds differently.
+    assert torch.equal(logits_of(name, model(**batch)), logits_of(name, reference(**batch)))
+
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(2):
+        model(**batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(n.endswith("lora_B") or ".lora_" not in n for n, p in model.named_parameters() if p.requires_grad)
+    moved = [n for n, layer in lorafa_layers(model).items() if layer.lora_B.abs().sum() > 0]
+    assert moved == list(lorafa_layers(model))
+
+    randomize_lora_B(model)
+    model.eval()
+    expected = logits_of(name, model(**batch))
+    export_peft(model, tmp_path / "peft", task_type=arch.task_type)
+    peft_model = PeftModel.from_pretrained(build(name, 0.1), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits_of(name, peft_model(**batch)), expected, rtol=1e-5, atol=1e-5)
+
+    merged = merge_lorafa(model)
+    torch.testing.assert_close(logits_of(name, merged(**batch)), expected, rtol=1e-5, atol=4e-6)
+
+
+class Module(pl.LightningModule):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.model = build(name, 0.1).train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch)["loss"]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("name", NAMES)
+def test_callback_fits(name, precision, tmp_path):
+    module = Module(name)
+    batch = ARCHS[name].batch()
+    loader = DataLoader([batch, batch], batch_size=None)
+    trainer = pl.Trainer(
+        callbacks=[LoraFA(r=4, alpha=8, dropout=0.1, modules_to_save=ARCHS[name].modules_to_save)],
+        max_steps=2,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, loader)
+    layers = lorafa_layers(module.model)
+    assert layers and all(layer.lora_B.abs().sum() > 0 for layer in layers.values())
+
+
+@pytest.mark.parametrize("name", ["Gemma2", "DeBERTa-v2", "BLOOM", "Falcon"])
+def test_attention_that_cannot_switch_is_kept_with_one_log_line(name, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lightning_lorafa"):
+        test_callback_fits(name, "32-true", tmp_path)
+    kept = [r.getMessage() for r in caplog.records if "keeps its mask" in r.getMessage()]
+    assert len(kept) == 1 and type(build(name)).__name__ in kept[0], kept
+
+
+def test_distilbert_seq_cls_export_is_refused_with_what_to_pass(tmp_path):
+    from peft import PeftModel
+
+    model = converted("DistilBERT")
+    assert "pre_classifier" in model.lorafa_config.target_modules
+    with pytest.raises(ValueError, match=r"'classifier' also matches 'pre_classifier'.*Export with task_type=None"):
+        export_peft(model, tmp_path / "seq_cls", task_type="SEQ_CLS")
+    randomize_lora_B(model)
+    torch.nn.init.normal_(model.classifier.weight)  # the trained head travels as modules_to_save
+    batch = ARCHS["DistilBERT"].batch()
+    expected = model.eval()(**batch).logits
+    export_peft(model, tmp_path / "plain")
+    config = __import__("json").loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.classifier"]  # PEFT's suffix rule matches only the classifier
+    peft_model = PeftModel.from_pretrained(build("DistilBERT", 0.1), tmp_path / "plain").eval()
+    torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
