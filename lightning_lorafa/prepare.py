@@ -69,7 +69,7 @@ class Preparation:
             lines.append(f"LoRA-FA: attention implementation {self.attention} (asked for {self.attention_asked!r}).")
         if self.dropouts or self.kept_masks:
             lines.append(f"LoRA-FA: {len(self.dropouts)} dropouts keep a seed instead of a mask (recompute_dropout).")
-        lines += [f"LoRA-FA: {name} keeps its dropout mask: {why}" for name, why in self.kept_masks.items()]
+        lines += [f"LoRA-FA: {name} keeps its mask: {why}" for name, why in self.kept_masks.items()]
         if self.recomputed:
             lines.append(f"LoRA-FA: {len(self.recomputed)} regions recomputed in backward.")
         return lines

@@ -113,7 +113,7 @@ def test_callback_fits(name, precision, tmp_path):
 def test_attention_that_cannot_switch_is_kept_with_one_log_line(name, tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.INFO, logger="lightning_lorafa"):
+    with caplog.at_level(logging.INFO):
         test_callback_fits(name, "32-true", tmp_path)
     kept = [r.getMessage() for r in caplog.records if "keeps its mask" in r.getMessage()]
     assert len(kept) == 1 and type(build(name)).__name__ in kept[0], kept

@@ -186,8 +186,8 @@ def test_a_model_without_linear_layers_is_told_so():
 
 
 def test_layers_of_a_sequential_are_named_by_their_index():
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 2)))
-    with pytest.raises(ValueError, match=r"exceeds min\(in_features, out_features\) of: model\[2\]\[0\] \(8 -> 2\)"):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 3)))
+    with pytest.raises(ValueError, match=r"exceeds min\(in_features, out_features\) of: model\[2\]\[0\] \(8 -> 3\)"):
         apply_lorafa(model, r=4)
 
 
