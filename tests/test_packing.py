@@ -15,7 +15,7 @@ from transformers import AttentionInterface, DataCollatorForSeq2Seq
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lightning_lorafa import LoraFA, apply_lorafa, lorafa_layers
-from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA
+from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA, register_seeded_dropout_attention
 from lightning_lorafa.tasks import InstructionDataModule, InstructionTuner
 from lightning_lorafa.tasks.packing import (
     PackedCollator,
@@ -95,6 +95,7 @@ def loss_and_grads(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager", RECOMPUTED_DROPOUT_SDPA])
 def test_packed_batch_has_the_loss_and_B_gradient_of_the_same_rows_padded(implementation: str) -> None:
+    register_seeded_dropout_attention()  # registered on request: prepare_model does it for the callback
     model = lorafa_llama(implementation)
     padded, packed = padded_and_packed(rows())
     assert padded["input_ids"].numel() == 8 * 12 and packed["input_ids"].numel() == 4 * 16

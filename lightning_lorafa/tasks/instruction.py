@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithPadding
+from transformers import AutoModelForCausalLM, DataCollatorWithPadding
 
 from lightning_lorafa.tasks.common import (
     TaskDataModule,
@@ -29,7 +29,7 @@ from lightning_lorafa.tasks.mmlu import (
     letter_token_ids,
     read_questions,
 )
-from lightning_lorafa.tasks.packing import PackedCollator, pack_dataset
+from lightning_lorafa.tasks.packing import pack_dataset, training_collator
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -136,11 +136,7 @@ class InstructionDataModule(TaskDataModule):
         self.mmlu_max_length = mmlu_max_length
         self.subjects: list[str] = []
         self.packing = packing
-        self.collate = (
-            PackedCollator(self.tokenizer.pad_token_id)
-            if packing
-            else DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
-        )
+        self.collate = training_collator(self.tokenizer, packing)
         self.mmlu_collate = DataCollatorWithPadding(self.tokenizer)
 
     def setup(self, stage: str) -> None:

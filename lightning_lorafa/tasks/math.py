@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from lightning_lorafa.tasks.common import (
     TaskDataModule,
@@ -32,7 +32,7 @@ from lightning_lorafa.tasks.common import (
     stateful_loader,
 )
 from lightning_lorafa.tasks.instruction import encode_instruction
-from lightning_lorafa.tasks.packing import PackedCollator, pack_dataset
+from lightning_lorafa.tasks.packing import pack_dataset, training_collator
 
 #: PEFT's MetaMathQA benchmark prompt (`query_template`); the response follows after a space.
 QUERY_TEMPLATE = "Question: {query} Think step by step.\nAnswer:"
@@ -165,11 +165,7 @@ class MathDataModule(TaskDataModule):
         self.max_test_samples = max_test_samples
         self.prompt_template = prompt_template
         self.packing = packing
-        self.collate = (
-            PackedCollator(self.tokenizer.pad_token_id)
-            if packing
-            else DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
-        )
+        self.collate = training_collator(self.tokenizer, packing)
         self.prompt_collate = LeftPaddedPrompts(self.tokenizer)
 
     def setup(self, stage: str) -> None:

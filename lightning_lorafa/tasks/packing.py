@@ -27,7 +27,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import DataCollatorWithFlattening
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from lightning_lorafa import _compat
@@ -110,6 +110,14 @@ class PackedCollator:
             "labels": stack("labels", -100),
             "position_ids": stack("position_ids", 0),
         }
+
+
+def training_collator(tokenizer: Any, packing: bool) -> Any:
+    """The collator of causal-LM training rows: ``PackedCollator`` for packed rows, else padding to the longest
+    row with labels -100 on the padding."""
+    if packing:
+        return PackedCollator(tokenizer.pad_token_id)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
