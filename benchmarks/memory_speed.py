@@ -33,8 +33,14 @@ from jsonargparse import CLI
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     T5Config,
@@ -54,6 +60,9 @@ RECOMPUTE_PREFIX = "ours, recompute="  # extra methods: ours with LoraFA(recompu
 ROBERTA_TARGETS = ["query", "key", "value", "dense"]
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # transformers' Conv1D (weight stored (d_in, d_out))
+MOE_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # plus the fused experts of every MoE block
+MOE_EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]  # PEFT's target_parameters for them
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,8 @@ class Spec:
     cpu_batch: int = 8
     cpu_seq: int = 128
     vocab: int = 0
+    experts: int = 0  # MoE: experts per block (ffn is each expert's intermediate size)
+    top_k: int = 0  # MoE: experts per token
 
 
 SPECS = {
@@ -81,7 +92,14 @@ SPECS = {
     "t5-base": Spec("t5", 768, 12, 12, 3072, 64, 128, 8, cpu_batch=4),
     "t5-large": Spec("t5", 1024, 24, 16, 4096, 32, 128, 16, cpu_batch=4),
     "llama-7b": Spec("llama", 4096, 32, 32, 11008, 16, 1024, 64, cpu_batch=1, cpu_seq=128),
+    "gpt2": Spec("gpt2", 768, 12, 12, 3072, 16, 1024, 8, cpu_batch=4),
+    # MoE shapes at a quarter of the real widths (Mixtral-8x7B: 4096 / 14336, 8 experts, top-2; Qwen3-30B-A3B:
+    # 2048 / 768, 128 experts, top-8) so that one block fits a CPU step.
+    "mixtral-quarter": Spec("mixtral", 1024, 32, 8, 3584, 8, 512, 8, cpu_batch=4, experts=8, top_k=2),
+    "qwen3-moe-quarter": Spec("qwen3moe", 512, 48, 8, 192, 8, 512, 8, cpu_batch=4, experts=32, top_k=8),
 }
+#: Families whose LoRA (PEFT) adapts fused experts through ``target_parameters``, which refuses dropout.
+MOE_FAMILIES = ("mixtral", "qwen3moe")
 
 
 def build_model(spec: Spec, layers: int, dropout: float) -> tuple[nn.Module, list[str], list[str] | None]:
@@ -113,6 +131,35 @@ def build_model(spec: Spec, layers: int, dropout: float) -> tuple[nn.Module, lis
             pad_token_id=0,
         )
         return T5ForConditionalGeneration(config), T5_TARGETS, None
+    if spec.family == "gpt2":
+        config = GPT2Config(
+            vocab_size=spec.vocab or 50257,
+            n_embd=spec.width,
+            n_layer=layers,
+            n_head=spec.heads,
+            n_inner=spec.ffn,
+            n_positions=1024,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
+        return GPT2LMHeadModel(config), GPT2_TARGETS, None
+    if spec.family in MOE_FAMILIES:
+        common = dict(
+            vocab_size=spec.vocab or 32000,
+            hidden_size=spec.width,
+            num_hidden_layers=layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=max(1, spec.heads // 4),
+            num_experts_per_tok=spec.top_k,
+            max_position_embeddings=4096,
+            attention_dropout=dropout,
+        )
+        if spec.family == "mixtral":
+            config = MixtralConfig(intermediate_size=spec.ffn, num_local_experts=spec.experts, **common)
+            return MixtralForCausalLM(config), MOE_ATTENTION + ["experts"], None
+        config = Qwen3MoeConfig(moe_intermediate_size=spec.ffn, num_experts=spec.experts, head_dim=64, **common)
+        return Qwen3MoeForCausalLM(config), MOE_ATTENTION + ["experts"], None
     config = LlamaConfig(
         vocab_size=spec.vocab or 32000,
         hidden_size=spec.width,
@@ -144,7 +191,15 @@ def prepare(
         prepare_model(model, settings)  # what LoraFA(**settings) runs on setup
         return model, create_lorafa_optimizer(model, lr=1e-4)
     if method != "Full-FT":
-        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=targets)
+        experts = [t for t in targets if t == "experts"]
+        config = LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            lora_dropout=0.0 if experts else lora_dropout,  # PEFT adapts experts only without dropout
+            target_modules=[t for t in targets if t != "experts"],
+            target_parameters=MOE_EXPERTS if experts else None,
+            fan_in_fan_out=model.config.model_type == "gpt2",
+        )
         config.modules_to_save = to_save
         model = get_peft_model(model, config)
         if method == "LoRA (A frozen)":
@@ -424,6 +479,51 @@ def op_table(results: list[Result], model: str) -> str:
     return "\n".join(lines)
 
 
+def moe_block_table(names: list[str], dropout: float, lora_dropout: float, batch: int = 4, seq: int = 128) -> str:
+    """Saved-activation bytes of one MoE block (the first layer's sparse MLP: router and fused experts) on CPU:
+    ours with ``lora_dropout`` on the experts against PEFT LoRA on the same experts (``target_parameters``) at
+    dropout 0, by op."""
+    lines = [
+        "### One MoE block: saved-activation MiB, ours (experts adapted, LoRA dropout "
+        f"{lora_dropout}) / PEFT LoRA (the same experts, dropout 0), batch {batch} x {seq} tokens",
+        "",
+        "| model | experts, top-k | ours | PEFT LoRA | ours/PEFT | ours: adapters' h and seeds | PEFT: grouped_mm "
+        "(routed inputs, merged expert weights) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        spec = SPECS[name]
+        model, _, _ = build_model(spec, 1, dropout)
+        block = model.model.layers[0].mlp
+        x = torch.randn(batch, seq, spec.width, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        ours = prepare_experts_only(block, spec.rank, lora_dropout)
+        theirs = get_peft_model(
+            block,
+            LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, target_modules=[], target_parameters=MOE_EXPERTS),
+        ).train()
+        mine = measure_saved_activations(lambda m=ours, x=x: m(x).sum(), module=ours)
+        peft = measure_saved_activations(lambda m=theirs, x=x: m(x).sum(), module=theirs)
+        lines.append(
+            f"| {name} | {spec.experts}, {spec.top_k} | {mine.total_bytes / 2**20:.2f} | "
+            f"{peft.total_bytes / 2**20:.2f} | {mine.total_bytes / peft.total_bytes:.2f}x | "
+            f"{mine.by_op.get('add_lora_fa_branch', 0) / 2**20:.2f} | {peft.by_op.get('grouped_mm', 0) / 2**20:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def prepare_experts_only(block: nn.Module, r: int, lora_dropout: float) -> nn.Module:
+    """A deep copy of a MoE ``block`` with LoRA-FA on its fused experts only, its dropouts keeping seeds."""
+    import copy
+
+    from lightning_lorafa import apply_lorafa
+    from lightning_lorafa.prepare import keep_dropout_seeds
+
+    ours = copy.deepcopy(block).train()
+    apply_lorafa(ours, r=r, alpha=2 * r, dropout=lora_dropout, target_modules=["experts"])
+    keep_dropout_seeds(ours)
+    return ours
+
+
 def bar_chart(results: list[Result], cuda: bool, path: Path, title: str) -> None:
     """Grouped bars per model: memory and step time of each method relative to PEFT LoRA."""
     models = list(dict.fromkeys(r.model for r in results))
@@ -548,7 +648,13 @@ def main(
             if cuda
             else "what one training forward saves for backward (weights excluded, storages counted once)."
         )
-        + " Step = forward + backward + optimizer step; tokens/s counts batch x sequence input tokens.",
+        + " Step = forward + backward + optimizer step; tokens/s counts batch x sequence input tokens."
+        + (
+            " On the MoE models PEFT's rows run lora_dropout 0 (its wrapper for fused experts refuses dropout);"
+            " ours keeps the stated LoRA dropout."
+            if any(SPECS[n].family in MOE_FAMILIES for n in names)
+            else ""
+        ),
         "",
         tables(results, cuda),
     ]
@@ -558,6 +664,9 @@ def main(
         check = [r for r in results if r.model == "roberta-tiny"]
         if check:
             header += ["", op_table(check, "roberta-tiny")]
+        moe = [n for n in names if SPECS[n].family in MOE_FAMILIES]
+        if moe:
+            header += ["", moe_block_table(moe, dropout, lora_dropout)]
         if "roberta-tiny" in names:
             free = run_one("roberta-tiny", "LoRA-FA (ours)", dev, 4, 8, 128, dropout, 0.0, attn, repeats=0)
             ours = next(r for r in check if r.method == "LoRA-FA (ours)")

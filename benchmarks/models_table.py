@@ -25,6 +25,8 @@ from torch import nn
 VOCAB = 96
 BATCH, SEQ = 2, 12
 DROPOUT = 0.1
+#: MoE architectures: PEFT LoRA adapts their experts only without dropout.
+MOE_ARCHS = ("Mixtral", "Qwen2-MoE", "Qwen3-MoE")
 
 
 class PlainMLP(nn.Module):
@@ -293,7 +295,8 @@ def peft_targets(name: str) -> list[str]:
 
 def saved_bytes(name: str) -> tuple[int, int]:
     """Activation bytes one training forward saves for backward at dropout 0.1: (ours prepared as the callback
-    prepares the model, PEFT LoRA all-linear with ``lora_dropout=0.1``)."""
+    prepares the model, PEFT LoRA all-linear with ``lora_dropout=0.1``; 0 on MoE models, where PEFT's experts
+    wrapper refuses dropout)."""
     from lightning_lorafa import apply_lorafa
     from lightning_lorafa.memory import measure_saved_activations
     from lightning_lorafa.prepare import keep_dropout_seeds
@@ -303,7 +306,8 @@ def saved_bytes(name: str) -> tuple[int, int]:
     ours = build(name, DROPOUT).train()
     apply_lorafa(ours, r=4, alpha=8, dropout=DROPOUT)
     keep_dropout_seeds(ours)
-    theirs = peft_lora(build(name, DROPOUT), arch, DROPOUT).train()
+    peft_dropout = 0.0 if name in MOE_ARCHS else DROPOUT  # PEFT's ParamWrapper (experts) refuses dropout
+    theirs = peft_lora(build(name, DROPOUT), arch, peft_dropout).train()
     mine = measure_saved_activations(lambda: ours(**batch)["loss"], module=ours).total_bytes
     peft = measure_saved_activations(lambda: theirs(**batch)["loss"], module=theirs).total_bytes
     return mine, peft
@@ -313,14 +317,33 @@ def table(names: list[str] | None = None) -> str:
     """Markdown rows: architecture, layers adapted by ours and by PEFT, saved bytes ours / PEFT LoRA at dropout 0.1."""
     from lightning_lorafa import find_target_modules
 
-    header = "| architecture | layers adapted (ours) | layers adapted (PEFT LoRA) | saved bytes, ours / PEFT LoRA |"
-    lines = [header, "|---|---:|---:|---:|"]
+    header = (
+        "| architecture | layers adapted (ours) | layers adapted (PEFT LoRA) | saved bytes, ours / PEFT LoRA "
+        "| dropouts that keep a mask (ours) |"
+    )
+    lines = [header, "|---|---:|---:|---:|---|"]
     for name in names or list(ARCHS):
         ours = len(find_target_modules(build(name), "all-linear", r=4))
         peft = len(peft_targets(name))
         mine, theirs = saved_bytes(name)
-        lines.append(f"| {name} | {ours} | {peft} | {mine / theirs:.2f}x |")
+        lines.append(f"| {name} | {ours} | {peft} | {mine / theirs:.2f}x | {kept_masks(name) or '-'} |")
     return "\n".join(lines)
+
+
+def kept_masks(name: str) -> str:
+    """What keeps a dropout mask in ours (as the callback prepares the model), in short: the attention, and the
+    classes whose code calls ``torch.nn.functional.dropout`` inline."""
+    from lightning_lorafa import apply_lorafa
+    from lightning_lorafa.prepare import keep_dropout_seeds
+
+    model = build(name, DROPOUT).train()
+    apply_lorafa(model, r=4, alpha=8, dropout=DROPOUT)
+    _, kept = keep_dropout_seeds(model)
+    parts = ["attention probabilities" for key in kept if key.endswith(" attention")]
+    inline = [why.split(".forward", 1)[0] for key, why in kept.items() if not key.endswith(" attention")]
+    if inline:
+        parts.append("inline in " + ", ".join(inline))
+    return "; ".join(parts)
 
 
 def main(output_dir: str = "benchmarks/results") -> str:

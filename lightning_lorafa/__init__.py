@@ -21,10 +21,12 @@ from lightning_lorafa.convert import (
     find_target_modules,
     find_task_heads,
     get_lorafa_config,
+    lorafa_experts,
     lorafa_layers,
     merge_lorafa,
 )
 from lightning_lorafa.distributed import LoraFAModelParallelStrategy
+from lightning_lorafa.experts import LoraFAExperts
 from lightning_lorafa.layer import LoraFALinear
 from lightning_lorafa.optim import LoraFAOptimizer, correct_gradient, create_lorafa_optimizer
 from lightning_lorafa.peft_export import export_peft
@@ -39,6 +41,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "LoraFA",
     "LoraFAConfig",
+    "LoraFAExperts",
     "LoraFALinear",
     "LoraFAModelParallelStrategy",
     "LoraFAOptimizer",
@@ -61,6 +64,7 @@ __all__ = [
     "load_adapter",
     "load_from_checkpoint",
     "load_quantized_model",
+    "lorafa_experts",
     "lorafa_layers",
     "merge_lorafa",
     "prepare_model",

@@ -17,6 +17,8 @@ Features, the private API each needs, and what happens without it:
   ``LoraFAModelParallelStrategy`` cannot load checkpoints.
 - ``ddp_ignore_buffers`` (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``): DDP
   broadcasts the frozen A at every step (correct, slower).
+- the experts' gate (``_apply_gate``, which transformers' experts interface adds to an experts class): without it,
+  ``act(gate) * up`` of the two halves of the gate/up output, the interface's documented default.
 """
 
 from __future__ import annotations
@@ -149,6 +151,32 @@ def ddp_ignore_params_and_buffers(module: torch.nn.Module, names: list[str]) -> 
     ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
     setter(module, ignored + [name for name in names if name not in ignored])
     return True
+
+
+# ---------------------------------------------------------------- transformers: the gate of fused experts
+def experts_gate(experts: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gate of a fused experts module: (T_e, 2I) gate/up output -> (T_e, I).
+
+    transformers' experts interface gives every experts class ``_apply_gate`` (``act(gate) * up`` of the two
+    halves, or the model's own gating); where it is missing, that default.
+
+    Raises:
+        TypeError: it is missing and the gate and up rows are interleaved (``is_concatenated=False``).
+    """
+    gate = getattr(experts, "_apply_gate", None)
+    if callable(gate):
+        return gate
+    if not getattr(experts, "is_concatenated", True):
+        raise TypeError(
+            f"{type(experts).__name__} interleaves its gate and up rows and has no _apply_gate: this transformers "
+            "version is not supported for its experts; leave them out (exclude=['experts'])."
+        )
+
+    def concatenated_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        gate_half, up = gate_up.chunk(2, dim=-1)
+        return experts.act_fn(gate_half) * up
+
+    return concatenated_gate
 
 
 def ddp_ignored_names(module: torch.nn.Module) -> list[str]:

@@ -99,13 +99,13 @@ def check_adapter_state(
 ) -> None:
     """Raise a ``ValueError`` naming the keys when ``given`` does not fit ``expected`` (names and shapes).
 
-    A different LoRA rank (second dim of ``lora_B``) is reported as such.
+    A different LoRA rank (last dim of ``lora_B``) is reported as such.
     """
     for key, tensor in given.items():
-        if key.endswith(".lora_B") and key in expected and tensor.shape[1] != expected[key].shape[1]:
+        if key.endswith(".lora_B") and key in expected and tensor.shape[-1] != expected[key].shape[-1]:
             raise ValueError(
-                f"{source} was saved with LoRA rank r={tensor.shape[1]}, but the model has r={r} "
-                f"(key {key}). Convert the model with r={tensor.shape[1]} (e.g. LoraFA(r={tensor.shape[1]}))."
+                f"{source} was saved with LoRA rank r={tensor.shape[-1]}, but the model has r={r} "
+                f"(key {key}). Convert the model with r={tensor.shape[-1]} (e.g. LoraFA(r={tensor.shape[-1]}))."
             )
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,13 @@ from typing import Any
 
 from torch import nn
 
+from lightning_lorafa.experts import (
+    LoraFAExperts,
+    expert_features,
+    expert_projections,
+    fused_expert_like_parameters,
+    is_fused_experts,
+)
 from lightning_lorafa.layer import LoraFALinear, is_linear, linear_features
 from lightning_lorafa.settings import AdapterSettings, Targets, adapter_settings
 
@@ -80,8 +88,9 @@ def find_target_modules(
 ) -> list[str]:
     """Names of the modules ``apply_lorafa`` would convert, in ``named_modules`` order.
 
-    ``"all-linear"`` selects every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2's linears, weight stored
-    (d_in, d_out)) except output heads (``lm_head``, ``classifier``, ``score``, ...) and, when ``r`` is given,
+    ``"all-linear"`` selects every ``nn.Linear``, transformers ``Conv1D`` (GPT-2's linears, weight stored
+    (d_in, d_out)) and fused MoE experts module (transformers' experts interface) except output heads
+    (``lm_head``, ``classifier``, ``score``, ...) and, when ``r`` is given,
     gates narrower than ``r`` (e.g. Qwen2-MoE's ``shared_expert_gate``, hidden -> 1), which it logs by name;
     a string is a full-match regex over module names; a list holds names or dotted suffixes (``"q_proj"``).
 
@@ -92,7 +101,8 @@ def find_target_modules(
     linears = [name for name, module in model.named_modules() if is_linear(module)]
     if target_modules == "all-linear":
         heads = _output_head_names(model)
-        selected = [name for name in linears if not _is_under(name, heads)]
+        adaptable = [name for name, module in model.named_modules() if _is_target(module)]
+        selected = [name for name in adaptable if not _is_under(name, heads)]
         if r is not None:
             selected = _skip_narrow_layers(model, selected, r)
         candidates = dict.fromkeys(selected)
@@ -104,10 +114,11 @@ def find_target_modules(
     if not names:
         raise ValueError(_no_match_message(model, linears, target_modules, exclude))
     modules = dict(model.named_modules())
-    wrong = [f"{_path(name)} ({type(modules[name]).__name__})" for name in names if not is_linear(modules[name])]
+    wrong = [f"{_path(name)} ({type(modules[name]).__name__})" for name in names if not _is_target(modules[name])]
     if wrong:
         raise TypeError(
-            f"LoRA-FA adapts nn.Linear layers only; target_modules={target_modules!r} matched: {', '.join(wrong)}. "
+            f"LoRA-FA adapts nn.Linear layers, transformers' Conv1D and fused MoE experts only; "
+            f"target_modules={target_modules!r} matched: {', '.join(wrong)}. "
             "Narrow target_modules (a list of suffixes matches whole name components) or add them to exclude."
         )
     return names
@@ -121,6 +132,9 @@ def _skip_narrow_layers(model: nn.Module, names: list[str], r: int) -> list[str]
     modules = dict(model.named_modules())
     kept = []
     for name in names:
+        if is_fused_experts(modules[name]):
+            kept.append(name)  # r is checked against each projection in apply_lorafa
+            continue
         d_in, d_out = linear_features(modules[name])
         narrow, wide = min(d_in, d_out), max(d_in, d_out)
         if narrow < r and 4 * narrow <= wide:
@@ -164,23 +178,76 @@ def _path(name: str) -> str:
     return text
 
 
+def _is_target(module: nn.Module) -> bool:
+    """Whether LoRA-FA adapts ``module``: a linear (``nn.Linear``, ``Conv1D``) or a fused experts module."""
+    return is_linear(module) or is_fused_experts(module)
+
+
+def _target_features(module: nn.Module) -> list[tuple[int, int]]:
+    """``(d_in, d_out)`` of each projection an adapter is added to."""
+    if is_fused_experts(module):
+        return [expert_features(module, name) for name in expert_projections(module)]
+    return [linear_features(module)]
+
+
+def _report_moe_parts_left_out(model: nn.Module, names: list[str]) -> None:
+    """Log the routers beside the adapted experts (no adapter: they are not linear layers), and warn about 3D
+    parameters that look like fused experts of an architecture this library does not recognise."""
+    modules = dict(model.named_modules())
+    routers = []
+    for name in names:
+        if not is_fused_experts(modules[name]):
+            continue
+        parent_name = name.rpartition(".")[0]
+        parent = modules[parent_name] if parent_name else model
+        for child_name, child in parent.named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if full == name or _is_target(child) or any(True for _ in child.children()):
+                continue
+            if isinstance(getattr(child, "weight", None), nn.Parameter):
+                routers.append(full)
+    if routers:
+        log.info(
+            "LoRA-FA: the MoE routers %s are left out (a router is a weight, not a linear layer; it stays frozen).",
+            ", ".join(routers),
+        )
+    unknown = fused_expert_like_parameters(model)
+    if unknown:
+        warnings.warn(
+            f"LoRA-FA: {type(model).__name__} holds 3D parameters that look like fused MoE experts but are not "
+            f"transformers' experts interface, so they get no adapter and stay frozen: {', '.join(unknown[:8])}"
+            + (f" ... ({len(unknown) - 8} more)" if len(unknown) > 8 else "")
+            + ". Adapt them with PEFT's target_parameters, or ask for the architecture to be supported.",
+            stacklevel=3,
+        )
+
+
 def layer_seed(seed: int, name: str) -> int:
     """Seed of the A matrix of the layer called ``name``: distinct per layer, reproducible from ``seed``."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
 def lorafa_layers(model: nn.Module) -> dict[str, LoraFALinear]:
-    """The LoRA-FA layers of ``model`` by module name."""
+    """The LoRA-FA linear layers of ``model`` by module name (fused experts: ``lorafa_experts``)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraFALinear)}
 
 
+def lorafa_experts(model: nn.Module) -> dict[str, LoraFAExperts]:
+    """The LoRA-FA fused experts modules of ``model`` by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraFAExperts)}
+
+
 def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, **overrides: Any) -> list[str]:
-    """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers.
+    """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers, and its fused MoE
+    experts modules by ``LoraFAExperts`` (a frozen A_e and a trainable B_e per expert and projection).
 
     ``apply_lorafa(model, r=8, alpha=32, dropout=0.0, target_modules="all-linear", exclude=None,
     modules_to_save=None, seed=0, use_rslora=False, init_a="kaiming")``: the keyword arguments are the fields of
     ``AdapterSettings`` (``lightning_lorafa.settings``, with a help string each); an ``AdapterSettings`` (or a
     ``LoraFA`` callback) may be passed instead, and keywords override its fields.
+
+    The MoE routers beside adapted experts are logged and stay frozen; 3D parameters that look like fused experts
+    of an architecture not recognised get a warning naming them.
 
     Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``, which
     train fully. ``modules_to_save=None`` (the default) trains the model's fresh task head, found from its
@@ -203,7 +270,7 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
     """
     settings = adapter_settings(settings, overrides, "apply_lorafa")
     r = settings.r
-    existing = lorafa_layers(model)
+    existing = {**lorafa_layers(model), **lorafa_experts(model)}
     if existing:
         config = getattr(model, "lorafa_config", None)
         with_what = f" with r={config.r}, alpha={config.alpha}" if isinstance(config, LoraFAConfig) else ""
@@ -230,9 +297,10 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
         )
     modules = dict(model.named_modules())
     too_small = [
-        f"{_path(name)} ({' -> '.join(map(str, linear_features(modules[name])))})"
+        f"{_path(name)} ({' -> '.join(map(str, features))})"
         for name in names
-        if r > min(linear_features(modules[name]))
+        for features in _target_features(modules[name])
+        if r > min(features)
     ]
     if too_small:
         raise ValueError(
@@ -240,10 +308,12 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
             "those layers out (exclude=[...])."
         )
 
+    _report_moe_parts_left_out(model, names)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        layer = LoraFALinear(
+        adapter_class = LoraFAExperts if is_fused_experts(modules[name]) else LoraFALinear
+        layer = adapter_class(
             modules[name],
             r,
             settings.alpha,
@@ -401,7 +471,7 @@ def merge_lorafa(model: nn.Module) -> nn.Module:
     Returns ``model`` (changed in place), ready for inference or export as a plain model.
     """
     modules = dict(model.named_modules())
-    for name, layer in lorafa_layers(model).items():
+    for name, layer in {**lorafa_layers(model), **lorafa_experts(model)}.items():
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer.base)

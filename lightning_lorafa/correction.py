@@ -38,13 +38,15 @@ class _HasFrozenA(Protocol):
 
 
 def correction_matrix(layer: _HasFrozenA, ridge: float = RIDGE) -> torch.Tensor:
-    """``(1 / s^2) * (A A^T + ridge I)^{-1}`` (r, r) in float32, cached on the layer while A is unchanged."""
+    """``(1 / s^2) * (A A^T + ridge I)^{-1}`` (r, r) in float32, cached on the layer while A is unchanged.
+
+    For fused MoE experts, A is (E, r, d_in) and the matrix (E, r, r): one per expert."""
     lora_A = layer.lora_A
     key = (lora_A.device, lora_A._version, lora_A.data_ptr(), ridge, layer.scaling)
     cached = getattr(layer, "_correction_cache", None)
     if cached is None or cached[0] != key:
         a = lora_A.detach().float()
-        gram = a @ a.t() + ridge * torch.eye(a.shape[0], device=a.device)
+        gram = a @ a.mT + ridge * torch.eye(a.shape[-2], device=a.device)
         matrix = torch.linalg.inv(gram) / layer.scaling**2
         layer._correction_cache = (key, matrix)
         return matrix
@@ -106,13 +108,17 @@ class GradientCorrection:
         corrections (k, r, r) in one ``bmm``.
         """
         batches: dict[tuple, list[tuple[_HasFrozenA, torch.Tensor]]] = {}
+        count = 0
         for p in params:
             layer = self.layers.get(p)
             if layer is None or p.grad is None or layer.correct_in_backward:
                 continue
             local = _local(p.grad)
+            if local.ndim != 2:  # experts' B (E, d_out, r): one batched product of its own
+                correct_gradient(layer, local)
+                count += 1
+                continue
             batches.setdefault((local.shape, local.dtype, local.device), []).append((layer, local))
-        count = 0
         for (_, _, device), batch in batches.items():
             count += len(batch)
             if len(batch) == 1:
@@ -157,4 +163,3 @@ class GradientCorrection:
             return args, {**kwargs, "closure": corrected_closure}
 
         return optimizer.register_step_pre_hook(pre_hook)
-

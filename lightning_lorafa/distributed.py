@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_lorafa import _compat
 from lightning_lorafa.checkpoint import AtomicCheckpointIO, check_adapter_state, module_adapter_keys
-from lightning_lorafa.convert import lorafa_layers
+from lightning_lorafa.convert import lorafa_experts, lorafa_layers
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -62,12 +62,15 @@ def _is_sharding_strategy(strategy: Strategy) -> bool:
 def prepare_for_strategy(model: nn.Module, strategy: Strategy, gradient_correction: bool = True) -> None:
     """Set up the LoRA-FA layers of a converted ``model`` for ``strategy``.
 
-    Under FSDP1 (``FSDPStrategy``) each layer corrects B's gradient in backward (see the module docstring).
+    Under FSDP1 (``FSDPStrategy``) each layer corrects B's gradient in backward (see the module docstring); under
+    FSDP2 (``ModelParallelStrategy``) the fused experts do (``correct_experts_in_backward``).
 
     Raises:
         ValueError: FSDP1 without ``use_orig_params=True`` (frozen and trainable tensors share flat parameters,
             which FSDP1 supports only with the original parameters exposed).
     """
+    if isinstance(strategy, ModelParallelStrategy):
+        correct_experts_in_backward(model, gradient_correction)
     if not isinstance(strategy, FSDPStrategy):
         return
     if not strategy.kwargs.get("use_orig_params", False):
@@ -78,6 +81,16 @@ def prepare_for_strategy(model: nn.Module, strategy: Strategy, gradient_correcti
         )
     for layer in lorafa_layers(model).values():
         layer.correct_in_backward = gradient_correction
+    correct_experts_in_backward(model, gradient_correction)
+
+
+def correct_experts_in_backward(model: nn.Module, gradient_correction: bool = True) -> None:
+    """Have every fused experts adapter of ``model`` correct B's gradient in backward, on the whole (E, d_out, r)
+    gradient: a sharded strategy splits B (E, d_out, r) along the experts, where each rank's rows would need
+    their own experts' (r, r) matrices."""
+    for experts in lorafa_experts(model).values():
+        for adapter in experts.adapters.values():
+            adapter.correct_in_backward = gradient_correction
 
 
 def keep_lora_A_out_of_ddp_buffer_sync(module: nn.Module) -> list[str]:
@@ -89,6 +102,11 @@ def keep_lora_A_out_of_ddp_buffer_sync(module: nn.Module) -> list[str]:
     buffers are still broadcast. Call it before DDP wraps the module.
     """
     names = [f"{name}.lora_A" for name in lorafa_layers(module)]
+    names += [
+        f"{name}.adapters.{projection}.lora_A"
+        for name, experts in lorafa_experts(module).items()
+        for projection in experts.adapters
+    ]
     return names if _compat.ddp_ignore_params_and_buffers(module, names) else []
 
 

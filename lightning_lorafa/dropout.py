@@ -15,6 +15,9 @@ which the compiler traces.
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -175,3 +178,62 @@ def replace_dropout(model: nn.Module) -> list[str]:
                 setattr(module, child_name, replacement)
                 changed.append(f"{name}.{child_name}" if name else child_name)
     return changed
+
+
+#: A call of torch's functional dropout as model code writes it (``nn.functional.dropout(``, ``F.dropout(``).
+_FUNCTIONAL_DROPOUT = re.compile(r"\b(?:nn\.functional|functional|F)\.dropout\s*\(")
+
+
+def inline_functional_dropouts(model: nn.Module) -> dict[str, str]:
+    """The modules whose own ``forward`` calls ``torch.nn.functional.dropout`` inline, one entry per class:
+    ``{first module name: why its dropout keeps a mask}``.
+
+    Such a call (BART's and Whisper's hidden and activation dropouts, Falcon's and BLOOM's residual dropouts) is
+    no module that ``replace_dropout`` can swap, and reaching it would take patching torch or the model's code, so
+    its mask is kept. Found from the class's source; a class whose dropout-probability attributes are all 0
+    keeps no mask and is left out.
+    """
+    found: dict[type, list[str]] = {}
+    skipped: set[type] = set()
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls in found:
+            found[cls].append(name)
+            continue
+        if cls in skipped or cls.__module__.startswith(("torch.", "lightning_lorafa.")):
+            continue
+        rates = [v for k, v in vars(module).items() if "dropout" in k and isinstance(v, float)]
+        if _calls_functional_dropout(cls) and (not rates or any(rate > 0 for rate in rates)):
+            found[cls] = [name or "(the model)"]
+        else:
+            skipped.add(cls)
+    return {
+        names[0]: (
+            f"{cls.__name__}.forward calls torch.nn.functional.dropout inline (or through a helper of its module)"
+            + (f" ({len(names)} modules of this class)" if len(names) > 1 else "")
+            + "; only dropout modules and the attention can keep a seed without patching torch or the model's code"
+        )
+        for cls, names in found.items()
+    }
+
+
+def _calls_functional_dropout(cls: type) -> bool:
+    """Whether ``cls.forward``, or a function of the class's own module that it calls (Falcon's and BLOOM's
+    ``dropout_add``), calls ``torch.nn.functional.dropout``."""
+    source = _source(cls.forward)
+    if _FUNCTIONAL_DROPOUT.search(source):
+        return True
+    namespace = vars(sys.modules.get(cls.__module__, object()))
+    for called in set(re.findall(r"(?<![.\w])([A-Za-z_]\w*)\s*\(", source)):
+        helper = namespace.get(called)
+        if inspect.isfunction(helper) and helper.__module__ == cls.__module__:
+            if _FUNCTIONAL_DROPOUT.search(_source(helper)):
+                return True
+    return False
+
+
+def _source(function: Any) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""

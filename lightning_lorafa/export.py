@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from lightning_lorafa.callback import LoraFA
 from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state
-from lightning_lorafa.convert import apply_lorafa, get_lorafa_config, lorafa_layers
+from lightning_lorafa.convert import apply_lorafa, get_lorafa_config, lorafa_experts, lorafa_layers
 from lightning_lorafa.layer import is_quantized
 from lightning_lorafa.peft_export import export_peft
 
@@ -54,7 +54,8 @@ QUANTIZED_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict ``model`` has once every LoRA-FA layer is folded into its base linear, without changing
     ``model``: ``{name}.weight = W + s B A`` (float32 sum, rounded once to W's dtype, as ``LoraFALinear.merge``),
-    ``{name}.bias`` the base's, and no ``lora_A``/``lora_B``; every other entry as it is.
+    ``{name}.bias`` the base's, and no ``lora_A``/``lora_B``; fused experts ``{name}.gate_up_proj`` (E, ...) and
+    ``{name}.down_proj`` with every expert's ``s B_e A_e`` added; every other entry as it is.
 
     Raises:
         TypeError: a LoRA-FA layer's base is quantized (no float weight to fold into).
@@ -66,16 +67,24 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             f"LoRA-FA layers {quantized[:3]} have a quantized base, whose weight is not a float tensor: merge into "
             "the full-precision base instead (`lorafa export --format merged` loads it)."
         )
+    experts = lorafa_experts(model)
+    adapters = {f"{name}.adapters.{projection}" for name, e in experts.items() for projection in e.adapters}
     state: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")
-        if module_name in layers and leaf in ("lora_A", "lora_B"):
+        if (module_name in layers or module_name in adapters) and leaf in ("lora_A", "lora_B"):
             continue
         owner = module_name.removesuffix(".base") if module_name.endswith(".base") else None
         if owner in layers:  # "...q_proj.base.weight" -> "...q_proj.weight"
             key = f"{owner}.{leaf}"
-            if leaf == "weight":
+            if leaf == "weight" and not layers[owner].merged:
                 delta = layers[owner].delta_weight().to(tensor.device)
+                tensor = (tensor.float() + delta).to(tensor.dtype)
+        elif owner in experts:  # "...experts.base.gate_up_proj" -> "...experts.gate_up_proj"
+            key = f"{owner}.{leaf}"
+            adapter = experts[owner].adapters[leaf] if leaf in experts[owner].adapters else None
+            if adapter is not None and not experts[owner].merged:
+                delta = adapter.delta_weight(experts[owner].base.is_transposed).to(tensor.device)
                 tensor = (tensor.float() + delta).to(tensor.dtype)
         state[key] = tensor.detach()
     return state

@@ -62,6 +62,34 @@ def add_lora_fa_branch(
     return torch.add(y, out)
 
 
+def branch_dtype(x: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:
+    """``(dtype, lora_B)`` for a branch on input ``x``: under autocast, the autocast dtype (what autocast casts A
+    to; B is cast by autocast itself); otherwise x's dtype, with B cast to it when they differ (half inputs to a
+    quantized base, whose A and B are float32)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type), lora_B
+    return x.dtype, lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
+
+
+def scaled_copy(cache: dict, lora_A: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """``scale * lora_A`` in ``dtype`` (any shape), computed in float32 and rounded once.
+
+    Kept in ``cache`` while A is unchanged (A is frozen), one copy per (dtype, scale), so forward launches no cast
+    and no scaling; under ``torch.compile`` computed inline, which the compiler fuses. The copy counts as a weight
+    for the saved-activation recorder (``register_weight_copy``).
+    """
+    if torch.compiler.is_compiling():
+        return (lora_A.float() * scale).to(dtype)
+    key = (dtype, scale)
+    cached = cache.get(key)
+    if cached is None or cached[0] is not lora_A or cached[1] != lora_A._version:
+        if len(cache) >= 2:  # train and eval scales; anything else replaces them
+            cache.clear()
+        scaled = register_weight_copy((lora_A.detach().float() * scale).to(dtype))
+        cached = cache[key] = (lora_A, lora_A._version, scaled)
+    return cached[2]
+
+
 class LoraFALinear(nn.Module):
     """A frozen ``nn.Linear`` with a LoRA-FA branch: ``y = base(x) + s * dropout(x) A^T B^T``.
 
@@ -167,33 +195,15 @@ class LoraFALinear(nn.Module):
         if self.merged:
             return y
         p = self.dropout if self.training else 0.0
-        lora_B = self.lora_B
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)  # what autocast would cast A to
-        else:
-            dtype = x.dtype
-            if lora_B.dtype != dtype:  # e.g. half inputs to a quantized base, whose A and B are float32
-                lora_B = lora_B.to(dtype)
+        dtype, lora_B = branch_dtype(x, self.lora_B)
         if self.correct_in_backward and lora_B.requires_grad:
             lora_B = CorrectedGradient.apply(lora_B, correction_matrix(self))
         scale = self.scaling * keep_scale(p)  # keep_scale(0.0) is 1.0
         return add_lora_fa_branch(y, x, self.scaled_lora_A(dtype, scale), lora_B, p)
 
     def scaled_lora_A(self, dtype: torch.dtype, scale: float) -> torch.Tensor:
-        """``scale * A`` (r, d_in) in ``dtype``, computed in float32 and rounded once. Kept while A is unchanged
-        (A is frozen), one copy per (dtype, scale), so forward launches no cast and no scaling; under
-        ``torch.compile`` computed inline, which the compiler fuses."""
-        lora_A = self.lora_A
-        if torch.compiler.is_compiling():
-            return (lora_A.float() * scale).to(dtype)
-        key = (dtype, scale)
-        cached = self._scaled_A.get(key)
-        if cached is None or cached[0] is not lora_A or cached[1] != lora_A._version:
-            if len(self._scaled_A) >= 2:  # train and eval scales; anything else replaces them
-                self._scaled_A.clear()
-            scaled = register_weight_copy((lora_A.detach().float() * scale).to(dtype))
-            cached = self._scaled_A[key] = (lora_A, lora_A._version, scaled)
-        return cached[2]
+        """``scale * A`` (r, d_in) in ``dtype``, computed in float32 and rounded once (``scaled_copy``)."""
+        return scaled_copy(self._scaled_A, self.lora_A, dtype, scale)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` (d_out, d_in), computed in float32; transposed, (d_in, d_out), for a ``Conv1D`` base,

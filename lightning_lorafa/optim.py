@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lorafa.convert import lorafa_layers
+from lightning_lorafa.convert import lorafa_experts, lorafa_layers
 from lightning_lorafa.correction import GradientCorrection, correct_gradient, correction_matrix
+from lightning_lorafa.experts import ExpertsAdapter
 from lightning_lorafa.layer import LoraFALinear
 
 
@@ -117,9 +118,15 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             self._correction = GradientCorrection(self.__dict__.get("lora_layers", {}))
 
 
-def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFALinear]:
-    """Map each ``lora_B`` parameter of ``model`` to its layer."""
-    return {layer.lora_B: layer for layer in lorafa_layers(model).values()}
+def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFALinear | ExpertsAdapter]:
+    """Map each ``lora_B`` parameter of ``model`` to its layer (a fused experts projection: its ``ExpertsAdapter``,
+    whose B is (E, d_out, r))."""
+    layers: dict[nn.Parameter, LoraFALinear | ExpertsAdapter] = {
+        layer.lora_B: layer for layer in lorafa_layers(model).values()
+    }
+    for experts in lorafa_experts(model).values():
+        layers.update({adapter.lora_B: adapter for adapter in experts.adapters.values()})
+    return layers
 
 
 def create_lorafa_optimizer(

@@ -2,8 +2,9 @@
 
 PEFT's LoRA computes the same ``base(x) + s * dropout(x) A^T B^T``; its format does not record that
 A was frozen, so the exported A is the exact A we trained with. Layers on transformers' ``Conv1D`` (GPT-2)
-are exported with ``fan_in_fan_out``, PEFT's flag for that weight layout; A and B keep their shapes. The directory
-loads with
+are exported with ``fan_in_fan_out``, PEFT's flag for that weight layout; A and B keep their shapes. Fused MoE
+experts are exported in PEFT's ``target_parameters`` format (``ParamWrapper``, A (E * r, d_in), B (d_out, E * r)),
+with ``lora_dropout`` 0, which PEFT requires there. The directory loads with
 ``peft.PeftModel.from_pretrained(base_model, directory)``.
 """
 
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_lorafa.checkpoint import atomic_write
-from lightning_lorafa.convert import get_lorafa_config, lorafa_layers
+from lightning_lorafa.convert import get_lorafa_config, lorafa_experts, lorafa_layers
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -71,6 +72,22 @@ def peft_modules_to_save(model: nn.Module, task_type: str | None = None) -> tupl
     return entries, wrapped
 
 
+def _expert_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT's module name of each fused experts projection -> its ``ExpertsAdapter``.
+
+    PEFT adapts a 3D expert parameter with a ``ParamWrapper`` (``target_parameters``); several parameters of one
+    module nest, the first parameter of the module innermost: ``experts.base_layer`` holds ``gate_up_proj``'s
+    adapter and ``experts`` the ``down_proj`` one. Its A is (E * r, d_in) (expert e's rows e*r .. e*r + r - 1) and
+    its B (d_out, E * r) (expert e's columns e, e + E, ...), which are our (E, r, d_in) and (E, d_out, r) reshaped.
+    """
+    wrappers = {}
+    for name, experts in lorafa_experts(model).items():
+        order = [param for param, _ in experts.base.named_parameters(recurse=False) if param in experts.adapters]
+        for index, param in enumerate(order):
+            wrappers[name + ".base_layer" * (len(order) - 1 - index)] = experts.adapters[param]
+    return wrappers
+
+
 def peft_state_dict(model: nn.Module, task_type: str | None = None) -> dict:
     """Adapter tensors under PEFT's key names (``base_model.model.<module>.lora_A.weight`` ...), and the full
     tensors of every module PEFT wraps as ``modules_to_save`` when loading for ``task_type``."""
@@ -78,6 +95,10 @@ def peft_state_dict(model: nn.Module, task_type: str | None = None) -> dict:
     for name, layer in lorafa_layers(model).items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    for name, adapter in _expert_wrappers(model).items():
+        num_experts, d_out, r = adapter.lora_B.shape
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().reshape(num_experts * r, -1)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach().permute(1, 2, 0).reshape(d_out, -1)
     modules = dict(model.named_modules())
     for name in peft_modules_to_save(model, task_type)[1]:
         for key, tensor in modules[name].state_dict().items():
@@ -105,9 +126,13 @@ def export_peft(
     """
     config = get_lorafa_config(model)
     merged = [name for name, layer in lorafa_layers(model).items() if layer.merged]
+    directory = Path(directory)
+    target_parameters = [
+        f"{name}.{param}" for name, experts in lorafa_experts(model).items() for param in experts.adapters
+    ]
+    merged += [name for name, experts in lorafa_experts(model).items() if experts.merged]
     if merged:
         raise ValueError(f"Layers {merged[:4]} are merged; call unmerge() on them before exporting the adapter.")
-    directory = Path(directory)
     modules_to_save, _ = peft_modules_to_save(model, task_type)
     tensors = peft_state_dict(model, task_type)
     peft_config = {
@@ -116,9 +141,12 @@ def export_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "r": config.r,
         "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
+        # PEFT's ParamWrapper (fused experts) refuses dropout; an exported adapter is for inference, where the
+        # dropout does nothing.
+        "lora_dropout": 0.0 if target_parameters else config.dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": sorted(config.target_modules),
+        "target_modules": sorted(lorafa_layers(model)),
+        "target_parameters": target_parameters or None,
         "modules_to_save": modules_to_save or None,
         "bias": "none",
         # PEFT sets fan_in_fan_out per layer from its type (True for Conv1D, False for nn.Linear), warning when

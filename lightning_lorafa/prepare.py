@@ -24,9 +24,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lorafa.attention import set_attention_implementation, use_seeded_dropout_attention
-from lightning_lorafa.convert import apply_lorafa, count_parameters, get_lorafa_config, lorafa_layers
+from lightning_lorafa.convert import (
+    apply_lorafa,
+    count_parameters,
+    get_lorafa_config,
+    lorafa_experts,
+    lorafa_layers,
+)
 from lightning_lorafa.correction import GradientCorrection
-from lightning_lorafa.dropout import replace_dropout
+from lightning_lorafa.dropout import inline_functional_dropouts, replace_dropout
 from lightning_lorafa.layer import is_quantized
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
 from lightning_lorafa.quantization import keep_no_quantized_inputs
@@ -53,13 +59,19 @@ class Preparation:
         """The log lines of this preparation."""
         config = get_lorafa_config(model)
         layers = lorafa_layers(model)
+        experts = lorafa_experts(model)
         trainable, total = count_parameters(model)
         b_params = sum(layer.lora_B.numel() for layer in layers.values())
-        scaling = next(iter(layers.values())).scaling
+        b_params += sum(a.lora_B.numel() for e in experts.values() for a in e.adapters.values())
+        scaling = next(iter({**layers, **experts}.values())).scaling
         verb = "uses the adapters already in" if self.adopted else "converted"
-        suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers}))
+        suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in {**layers, **experts}}))
+        what = f"{len(layers)} linear layers"
+        if experts:
+            num = next(iter(experts.values())).num_experts
+            what += f" and {len(experts)} fused experts modules ({num} experts each)"
         lines = [
-            f"LoRA-FA: {verb} {len(layers)} linear layers of {type(model).__name__} (r={config.r}, "
+            f"LoRA-FA: {verb} {what} of {type(model).__name__} (r={config.r}, "
             f"alpha={config.alpha}, scaling={scaling:g}, dropout={config.dropout}): {suffixes}"
             + (f"; fully trained: {', '.join(config.modules_to_save)}" if config.modules_to_save else ""),
             f"LoRA-FA: trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%): "
@@ -162,11 +174,13 @@ def keep_dropout_seeds(model: nn.Module) -> tuple[list[str], dict[str, str]]:
 
     ``nn.Dropout`` modules become ``RecomputedDropout`` (``replace_dropout``); transformers models on eager or
     SDPA attention switch to the attention that keeps a seed (``use_seeded_dropout_attention``). Returns the
-    dotted names changed, and the dropouts that still keep a mask by name, with the reason.
+    dotted names changed, and the dropouts that still keep a mask by name, with the reason: attention that cannot
+    switch, and inline ``torch.nn.functional.dropout`` calls in the model's code (``inline_functional_dropouts``).
     """
     changed = replace_dropout(model)
     switched, kept = use_seeded_dropout_attention(model)
-    return changed + switched, {f"{name} attention": reason for name, reason in kept.items()}
+    kept_masks = {f"{name} attention": reason for name, reason in kept.items()}
+    return changed + switched, kept_masks | inline_functional_dropouts(model)
 
 
 def attach_gradient_correction(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:

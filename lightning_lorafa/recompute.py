@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
 from torch.utils.checkpoint import checkpoint
 
-from lightning_lorafa.layer import LoraFALinear
+from lightning_lorafa.layer import LoraFALinear, is_linear
 from lightning_lorafa.settings import RECOMPUTE_MODES, Recompute
 
 
@@ -37,7 +37,8 @@ def check_recompute(mode: str) -> None:
 
 
 def _is_linear(module: object) -> bool:
-    return isinstance(module, (nn.Linear, LoraFALinear))  # bitsandbytes Linear4bit/8bitLt subclass nn.Linear
+    # bitsandbytes Linear4bit/8bitLt subclass nn.Linear; transformers' Conv1D is GPT-2's linear
+    return isinstance(module, (nn.Linear, LoraFALinear)) or (isinstance(module, nn.Module) and is_linear(module))
 
 
 def _has_linears(module: nn.Module, *names: str) -> bool:
@@ -55,12 +56,15 @@ def _mlp_method(module: nn.Module) -> str | None:
     - gated MLP (LLaMA, Mistral, Qwen2, ...): ``gate_proj``, ``up_proj``, ``down_proj`` -> ``forward``
       (with ``act_fn``, only the product before ``down_proj`` is recomputed: see ``_recomputed_gated``);
     - T5 ``DenseReluDense``: ``wi``, ``wo`` or ``wi_0``, ``wi_1``, ``wo`` -> ``forward``;
+    - GPT-2 ``GPT2MLP``: ``c_fc``, ``c_proj`` (transformers' ``Conv1D``) and ``act`` -> ``forward``;
     - BERT/RoBERTa layer: ``intermediate.dense`` (d -> d_ff, with the activation) and ``output.dense``
       (d_ff -> d, dropout, residual LayerNorm), both called by ``feed_forward_chunk`` -> ``feed_forward_chunk``.
     """
     if _has_linears(module, "gate_proj", "up_proj", "down_proj"):
         return "forward"
     if _has_linears(module, "wo") and (_has_linears(module, "wi") or _has_linears(module, "wi_0", "wi_1")):
+        return "forward"
+    if _has_linears(module, "c_fc", "c_proj") and callable(getattr(module, "act", None)):  # GPT-2's MLP (Conv1D)
         return "forward"
     intermediate, output = getattr(module, "intermediate", None), getattr(module, "output", None)
     if (

@@ -34,6 +34,27 @@ def tiny_roberta(num_labels: int = 2, dropout: float = 0.0) -> RobertaForSequenc
     return RobertaForSequenceClassification(config).eval()
 
 
+def tiny_mixtral(num_labels: int = 2) -> nn.Module:
+    """A 2-layer Mixtral sequence classifier (4 fused experts, top-2, hidden 32) with RoBERTa-tiny's vocabulary."""
+    from transformers import MixtralConfig, MixtralForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=1,
+    )
+    return MixtralForSequenceClassification(config).eval()
+
+
 def tiny_t5() -> T5ForConditionalGeneration:
     torch.manual_seed(0)
     config = T5Config(

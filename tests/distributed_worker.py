@@ -1,11 +1,12 @@
 """Two-process CPU (gloo) training for tests/test_distributed.py, launched by Lightning's own launcher.
 
-Usage: ``python tests/distributed_worker.py {ddp|fsdp2|fsdp2-sharded|fsdp2-meta} OUT_DIR``
-(``fsdp2-meta``: the model is built on the meta device, converted, sharded, then materialised with ``to_empty``,
+Usage: ``python tests/distributed_worker.py {ddp|fsdp2|fsdp2-sharded|fsdp2-meta|ddp-moe|fsdp2-moe} OUT_DIR``.
+``*-moe``: a tiny Mixtral classifier, whose fused experts get LoRA-FA adapters, instead of RoBERTa.
+``fsdp2-meta``: the model is built on the meta device, converted, sharded, then materialised with ``to_empty``,
 its base weights loaded and each LoRA-FA layer's ``reset_parameters()`` called, as for a model too large for
-CPU). Lightning starts rank 1 by
-running this script again. It fits 2 epochs straight, then 1 epoch with a checkpoint and 1 more resumed
-from it, and writes what the test compares to ``OUT_DIR``: each rank's full B and head after each run.
+CPU. Lightning starts rank 1 by running this script again. It fits 2 epochs straight, then 1 epoch with a
+checkpoint and 1 more resumed from it, and writes what the test compares to ``OUT_DIR``: each rank's full B and
+head after each run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import VOCAB, tiny_roberta  # noqa: E402
+from conftest import VOCAB, tiny_mixtral, tiny_roberta  # noqa: E402
 
 from lightning_lorafa import (  # noqa: E402
     LoraFA,
@@ -35,16 +36,17 @@ LR = 1e-2
 class Classifier(pl.LightningModule):
     """Tiny RoBERTa classifier; ``shard=True`` builds it in ``configure_model`` and applies FSDP2 there."""
 
-    def __init__(self, shard: bool, meta: bool = False) -> None:
+    def __init__(self, shard: bool, meta: bool = False, moe: bool = False) -> None:
         super().__init__()
         self.shard, self.meta = shard, meta
-        self.model = None if shard else tiny_roberta().train()
+        self.build = tiny_mixtral if moe else tiny_roberta
+        self.model = None if shard else self.build().train()
 
     def configure_model(self) -> None:
         if not self.shard or self.model is not None:
             return
         if not self.meta:
-            self.model = tiny_roberta().train()
+            self.model = self.build().train()
             convert_before_sharding(self)
             fully_shard_blocks(self.model, self.device_mesh["data_parallel"])
             return
@@ -101,7 +103,7 @@ def data(batch_size: int = 4, world_size: int = 1, rank: int = 0) -> DataLoader:
 
 
 def strategy(kind: str):
-    if kind == "ddp":
+    if kind.startswith("ddp"):
         return "ddp"
     return LoraFAModelParallelStrategy(
         data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=kind == "fsdp2-sharded"
@@ -119,6 +121,11 @@ class RecordSyncedBuffers(pl.Callback):
             pl_module.synced_buffers = (len(names), sum(name.endswith("lora_A") for name in names))
 
 
+def head(kind: str) -> str:
+    """The classification head the run trains fully: RoBERTa's ``classifier``, Mixtral's ``score``."""
+    return "score" if kind.endswith("-moe") else "classifier"
+
+
 def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
@@ -127,7 +134,7 @@ def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl
         strategy=strategy(kind),
         max_epochs=epochs,
         callbacks=[
-            LoraFA(r=4, alpha=8, modules_to_save=["classifier"], attn_implementation=None),
+            LoraFA(r=4, alpha=8, modules_to_save=[head(kind)], attn_implementation=None),
             RecordSyncedBuffers(),
         ],
         logger=False,
@@ -137,7 +144,7 @@ def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl
         default_root_dir=root,
         use_distributed_sampler=False,
     )
-    module = Classifier(shard=kind != "ddp", meta=kind == "fsdp2-meta")
+    module = Classifier(shard=kind.startswith("fsdp2"), meta=kind == "fsdp2-meta", moe=kind.endswith("-moe"))
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
@@ -164,8 +171,9 @@ def main(kind: str, out: Path) -> None:
     resumed = fit(kind, out / "resumed", EPOCHS, ckpt_path=checkpoint)
     result["resumed"] = trained_tensors(resumed)
     result["global_step"] = resumed.global_step
-    lora_B = next(p for n, p in resumed.lightning_module.named_parameters() if n.endswith("lora_B"))
-    lora_A = next(b for n, b in resumed.lightning_module.named_buffers() if n.endswith("lora_A"))
+    adapter = ".experts.adapters.down_proj." if kind.endswith("-moe") else ""  # an experts adapter for MoE runs
+    lora_B = next(p for n, p in resumed.lightning_module.named_parameters() if n.endswith(adapter + "lora_B"))
+    lora_A = next(b for n, b in resumed.lightning_module.named_buffers() if n.endswith(adapter + "lora_A"))
     local_B = lora_B.to_local() if hasattr(lora_B, "to_local") else lora_B
     result["types"] = (type(lora_B).__name__, tuple(local_B.shape), type(lora_A).__name__, tuple(lora_A.shape))
     torch.save(result, out / f"rank{rank}.pt")

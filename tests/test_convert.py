@@ -122,7 +122,11 @@ def unchanged(model, before):
     "kwargs, error, message",
     [
         ({"target_modules": ["qkv"]}, ValueError, r"matches no module.*suffixes \['dense', 'key', 'out_proj'"),
-        ({"target_modules": ["attention"]}, TypeError, r"nn.Linear layers only.*RobertaAttention"),
+        (
+            {"target_modules": ["attention"]},
+            TypeError,
+            r"adapts nn.Linear layers, transformers' Conv1D and fused MoE experts only.*RobertaAttention",
+        ),
         ({"r": 0}, ValueError, r"\(r=0\): r must be >= 1"),
         ({"r": 33}, ValueError, r"exceeds min\(in_features, out_features\)"),
         ({"alpha": -1}, ValueError, "alpha must be > 0"),

@@ -63,6 +63,25 @@ def single_process_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     return trained_tensors(trainer)
 
 
+@pytest.fixture(scope="module")
+def single_process_moe_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The same for the tiny Mixtral classifier (fused experts adapted)."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=EPOCHS,
+        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=["score"], attn_implementation=None)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path_factory.mktemp("moe-reference"),
+    )
+    trainer.fit(Classifier(shard=False, moe=True), data(batch_size=8))
+    return trained_tensors(trainer)
+
+
 def check_two_process_run(rank0: dict, rank1: dict, reference: dict[str, torch.Tensor]) -> None:
     assert rank0["world_size"] == 2 and rank0["global_step"] == 4
     assert len([k for k in reference if k.endswith("lora_B")]) == 12
@@ -310,3 +329,16 @@ def test_fsdp1_on_one_gpu_trains_like_no_sharding(tmp_path):
     state = torch.load(tmp_path / "fsdp1.ckpt", weights_only=False)["state_dict"]
     for key, expected in reference.items():
         torch.testing.assert_close(state[key].cpu(), expected, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["ddp-moe", "fsdp2-moe"])
+def test_two_processes_train_fused_experts_like_one_and_resume_exactly(kind, tmp_path, single_process_moe_reference):
+    rank0, rank1 = run_worker(kind, tmp_path)
+    check_two_process_run(rank0, rank1, single_process_moe_reference)
+    experts_B = [k for k in single_process_moe_reference if ".experts.adapters." in k]
+    assert len(experts_B) == 4  # gate_up_proj and down_proj of both layers' experts
+    # B (E=4, 32, 4): under FSDP2 a DTensor holding 2 experts per rank, corrected in backward; A (4, 4, 64) whole
+    local = (2, 32, 4) if kind == "fsdp2-moe" else (4, 32, 4)
+    assert rank0["types"] == ("DTensor" if kind == "fsdp2-moe" else "Parameter", local, "Tensor", (4, 4, 64))
+    state = torch.load(tmp_path / "first" / "half.ckpt", weights_only=False)["state_dict"]
+    assert state["model.model.layers.0.mlp.experts.adapters.down_proj.lora_B"].shape == (4, 32, 4)

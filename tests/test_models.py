@@ -12,15 +12,18 @@ import torch
 from conftest import randomize_lora_B
 from torch.utils.data import DataLoader
 
-from lightning_lorafa import LoraFA, apply_lorafa, export_peft, lorafa_layers, merge_lorafa
+from lightning_lorafa import LoraFA, apply_lorafa, export_peft, lorafa_experts, lorafa_layers, merge_lorafa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import models_table  # noqa: E402
 from models_table import ARCHS, build, logits_of  # noqa: E402
 
 NAMES = list(ARCHS)
-#: What PEFT LoRA's all-linear adapts and ours does not, by last name component, beyond heads and narrow gates.
-KNOWN_GAPS = {"Mixtral": {"experts", "gate", "base_layer"}, "Qwen3-MoE": {"experts", "gate", "base_layer"}}
+#: What PEFT LoRA's all-linear adapts and ours does not, by last name component, beyond heads and narrow gates:
+#: the MoE routers ("gate", a weight inside the router's own forward: ours logs and freezes them; PEFT's nested
+#: ParamWrapper for a second expert parameter is "experts.base_layer", ours one module per experts).
+KNOWN_GAPS = {"Mixtral": {"gate", "base_layer"}, "Qwen3-MoE": {"gate", "base_layer"}}
+MOE = {"Mixtral", "Qwen2-MoE", "Qwen3-MoE"}
 HEADS = {"head", "dense", "out_proj", "classifier", "pre_classifier"}  # heads (and their layers) PEFT adapts
 
 
@@ -35,7 +38,10 @@ def test_adapts_what_peft_lora_adapts(name):
     ours = set(converted(name).lorafa_config.target_modules)
     peft = set(models_table.peft_targets(name))
     assert ours, name
-    assert ours <= peft
+    # ours adapts the fused experts of every MoE; PEFT's all-linear adapts them on Mixtral and Qwen3-MoE only
+    assert all(n.endswith(".experts") for n in ours - peft), ours - peft
+    if name in MOE:
+        assert {n for n in ours if n.endswith(".experts")} == {f"model.layers.{i}.mlp.experts" for i in range(2)}
     # What PEFT adapts beyond ours is a head the user trains with modules_to_save, or a gate narrower than r.
     left = {n.rsplit(".", 1)[-1] for n in peft - ours}
     assert left <= HEADS | {"shared_expert_gate"} | KNOWN_GAPS.get(name, set()), left
@@ -47,6 +53,8 @@ def test_init_equal_only_B_trains_export_and_merge(name, tmp_path):
 
     arch = ARCHS[name]
     reference, model = build(name, 0.1).requires_grad_(False), converted(name)
+    if name in MOE:  # our experts route tokens as transformers' eager experts forward does
+        reference.set_experts_implementation("eager")
     batch = arch.batch()
     # The reference is frozen like the converted model: CPU SDPA takes another kernel for a mask that needs a
     # gradient (T5's position bias), which rounds differently.
@@ -64,6 +72,7 @@ def test_init_equal_only_B_trains_export_and_merge(name, tmp_path):
     assert all(n.endswith("lora_B") or ".lora_" not in n for n, p in model.named_parameters() if p.requires_grad)
     moved = [n for n, layer in lorafa_layers(model).items() if layer.lora_B.abs().sum() > 0]
     assert moved == list(lorafa_layers(model))
+    assert all(a.lora_B.abs().sum() > 0 for e in lorafa_experts(model).values() for a in e.adapters.values())
 
     randomize_lora_B(model)
     model.eval()
@@ -107,6 +116,9 @@ def test_callback_fits(name, precision, tmp_path):
     trainer.fit(module, loader)
     layers = lorafa_layers(module.model)
     assert layers and all(layer.lora_B.abs().sum() > 0 for layer in layers.values())
+    experts = lorafa_experts(module.model)
+    assert (name in MOE) == bool(experts)
+    assert all(a.lora_B.abs().sum() > 0 for e in experts.values() for a in e.adapters.values())
 
 
 @pytest.mark.parametrize("name", ["Gemma2", "DeBERTa-v2", "BLOOM", "Falcon"])
@@ -115,8 +127,9 @@ def test_attention_that_cannot_switch_is_kept_with_one_log_line(name, tmp_path, 
 
     with caplog.at_level(logging.INFO):
         test_callback_fits(name, "32-true", tmp_path)
-    kept = [r.getMessage() for r in caplog.records if "keeps its mask" in r.getMessage()]
-    assert len(kept) == 1 and type(build(name)).__name__ in kept[0], kept
+    line = f"LoRA-FA: {type(build(name)).__name__} attention keeps its mask: "
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(message.startswith(line) for message in messages) == 1, messages
 
 
 def test_distilbert_seq_cls_export_is_refused_with_what_to_pass(tmp_path):
@@ -135,3 +148,31 @@ def test_distilbert_seq_cls_export_is_refused_with_what_to_pass(tmp_path):
     assert config["modules_to_save"] == ["model.classifier"]  # PEFT's suffix rule matches only the classifier
     peft_model = PeftModel.from_pretrained(build("DistilBERT", 0.1), tmp_path / "plain").eval()
     torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, classes",
+    [
+        ("BART", {"BartEncoder", "BartEncoderLayer", "BartDecoder", "BartDecoderLayer"}),
+        ("Whisper", {"WhisperEncoder", "WhisperEncoderLayer", "WhisperDecoder", "WhisperDecoderLayer"}),
+        ("Falcon", {"FalconDecoderLayer"}),  # through its module's dropout_add helper
+        ("BLOOM", {"BloomAttention", "BloomMLP"}),  # dropout_add too
+        ("BERT", set()),
+        ("T5", set()),
+        ("LLaMA", set()),
+    ],
+)
+def test_inline_functional_dropouts_that_keep_their_masks_are_named_with_the_reason(name, classes):
+    from lightning_lorafa import prepare_model
+
+    model = build(name, 0.1).train()
+    done = prepare_model(model, r=4, alpha=8, dropout=0.1, modules_to_save=[])
+    inline = {key: why for key, why in done.kept_masks.items() if "functional.dropout" in why}
+    assert {why.split(".forward", 1)[0] for why in inline.values()} == classes
+    modules = dict(model.named_modules())
+    assert all(type(modules[key]).__name__ in classes for key in inline)
+    lines = done.summary(model)
+    assert all(any(line.startswith(f"LoRA-FA: {key} keeps its mask: ") for line in lines) for key in inline)
+    # a model whose dropouts are all 0 keeps no mask, and none is named
+    quiet = prepare_model(build(name, 0.0).train(), r=4, alpha=8, modules_to_save=[])
+    assert not [why for why in quiet.kept_masks.values() if "functional.dropout" in why]

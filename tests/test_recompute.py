@@ -49,7 +49,8 @@ def lm_batch() -> dict:
 def build(family: str, recompute: str) -> torch.nn.Module:
     """A tiny model with dropout 0.1 on the model (RoBERTa; T5 below) and on the adapters, set up like the
     ``LoraFA`` callback does it, B non-zero."""
-    model = {"roberta": lambda: tiny_roberta(dropout=0.1), "llama": tiny_llama, "t5": tiny_t5}[family]().train()
+    builders = {"roberta": lambda: tiny_roberta(dropout=0.1), "llama": tiny_llama, "t5": tiny_t5, "gpt2": tiny_gpt2}
+    model = builders[family]().train()
     if family == "t5":
         model.config.dropout_rate = 0.1
         for module in model.modules():
@@ -62,7 +63,16 @@ def build(family: str, recompute: str) -> torch.nn.Module:
     return model
 
 
-BATCHES = {"roberta": roberta_batch, "llama": lm_batch, "t5": lm_batch}
+BATCHES = {"roberta": roberta_batch, "llama": lm_batch, "t5": lm_batch, "gpt2": lm_batch}
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    """A 2-layer GPT-2 (transformers' Conv1D linears) with every dropout at 0.1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.1)
+    return GPT2LMHeadModel(config).eval()
 
 
 def loss_and_B_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -72,12 +82,12 @@ def loss_and_B_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor,
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if n.endswith("lora_B")}
 
 
-@pytest.mark.parametrize("family", ["roberta", "llama", "t5"])
+@pytest.mark.parametrize("family", ["roberta", "llama", "t5", "gpt2"])
 @pytest.mark.parametrize("recompute", ["mlp", "block"])
 def test_recompute_gives_the_same_loss_and_B_gradients(family, recompute):
     loss, grads = loss_and_B_grads(build(family, "none"), BATCHES[family]())
     loss_r, grads_r = loss_and_B_grads(build(family, recompute), BATCHES[family]())
-    assert grads.keys() == grads_r.keys() and len(grads) >= 12
+    assert grads.keys() == grads_r.keys() and len(grads) >= 8  # GPT-2: 4 linears a layer
     if family == "t5" and recompute == "block":
         # Under gradient checkpointing transformers' T5 makes its position bias require a gradient, and CPU SDPA
         # then takes another kernel for the attention (same math, other rounding); the shared bias's gradient
@@ -158,6 +168,9 @@ def test_mlps_are_found_by_structure():
         f"model.layers.{i}.mlp": "forward" for i in (0, 1)
     }
     assert len(find_mlps(tiny_t5())) == 4
+    assert {n: m for n, (_, m) in find_mlps(tiny_gpt2()).items()} == {
+        f"transformer.h.{i}.mlp": "forward" for i in (0, 1)
+    }
     model = tiny_llama()
     apply_lorafa(model, r=R, alpha=8)  # found in converted models as well
     assert apply_recompute(model, "mlp") == ["model.layers.0.mlp", "model.layers.1.mlp"]

@@ -127,9 +127,7 @@ class FitReport(L.Callback):
         loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
         if loggers:
             loggers[0].save()
-            points = read_logged_metrics(
-                loggers[0].experiment.metrics_file_path, ["train/loss", self.monitor]
-            )
+            points = read_logged_metrics(loggers[0].experiment.metrics_file_path, ["train/loss", self.monitor])
             self.summary["plot"] = str(plot_metrics(points, self.output_dir / "metrics.png"))
         lines = [
             f"{self.monitor}: {self.summary[self.monitor]:.4f}"
