@@ -43,43 +43,34 @@ def run_worker(kind: str, out: Path) -> tuple[dict, dict]:
     return tuple(torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1))
 
 
-@pytest.fixture(scope="module")
-def single_process_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+def single_process_run(root: Path, moe: bool = False) -> dict[str, torch.Tensor]:
     """B and head after 2 epochs on one process, batch 8 (what 2 ranks with batch 4 each see per step)."""
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=EPOCHS,
-        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=["classifier"], attn_implementation=None)],
+        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=["score" if moe else "classifier"], attn_implementation=None)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=tmp_path_factory.mktemp("reference"),
+        default_root_dir=root,
     )
-    trainer.fit(Classifier(shard=False), data(batch_size=8))
+    trainer.fit(Classifier(shard=False, moe=moe), data(batch_size=8))
     assert trainer.global_step == 4
     return trained_tensors(trainer)
 
 
 @pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return single_process_run(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
 def single_process_moe_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     """The same for the tiny Mixtral classifier (fused experts adapted)."""
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=EPOCHS,
-        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=["score"], attn_implementation=None)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path_factory.mktemp("moe-reference"),
-    )
-    trainer.fit(Classifier(shard=False, moe=True), data(batch_size=8))
-    return trained_tensors(trainer)
+    return single_process_run(tmp_path_factory.mktemp("moe-reference"), moe=True)
 
 
 def check_two_process_run(rank0: dict, rank1: dict, reference: dict[str, torch.Tensor]) -> None:
