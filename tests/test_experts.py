@@ -342,3 +342,19 @@ def test_the_gate_without_transformers_apply_gate_is_its_documented_default():
     plain.is_concatenated = False
     with pytest.raises(TypeError, match="interleaves its gate and up rows"):
         _compat.experts_gate(plain)
+
+
+def test_routers_train_fully_when_named_in_modules_to_save():
+    model = build("Mixtral", 0.0)
+    apply_lorafa(model, r=4, alpha=8, modules_to_save=["gate"])
+    routers = [f"model.layers.{i}.mlp.gate" for i in range(2)]
+    assert model.lorafa_config.modules_to_save == routers
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {f"{r}.weight" for r in routers} <= trainable
+    assert all(n.endswith("lora_B") or n.endswith("gate.weight") for n in trainable)
+    before = model.model.layers[0].mlp.gate.weight.detach().clone()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**ARCHS["Mixtral"].batch()).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.model.layers[0].mlp.gate.weight, before)
