@@ -23,6 +23,7 @@ from lightning_lorafa.convert import (
     get_lorafa_config,
     lorafa_experts,
     lorafa_layers,
+    lorafa_modules,
     merge_lorafa,
 )
 from lightning_lorafa.distributed import LoraFAModelParallelStrategy
@@ -66,6 +67,7 @@ __all__ = [
     "load_quantized_model",
     "lorafa_experts",
     "lorafa_layers",
+    "lorafa_modules",
     "merge_lorafa",
     "prepare_model",
     "quantization_config",

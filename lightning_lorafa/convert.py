@@ -190,9 +190,10 @@ def _target_features(module: nn.Module) -> list[tuple[int, int]]:
     return [linear_features(module)]
 
 
-def _report_moe_parts_left_out(model: nn.Module, names: list[str]) -> None:
-    """Log the routers beside the adapted experts (no adapter: they are not linear layers), and warn about 3D
-    parameters that look like fused experts of an architecture this library does not recognise."""
+def _report_moe_parts_left_out(model: nn.Module, names: list[str], save_names: list[str]) -> None:
+    """Log the routers beside the adapted experts (no adapter: they are not linear layers; those in ``save_names``
+    train fully), and warn about 3D parameters that look like fused experts of an architecture this library does
+    not recognise."""
     modules = dict(model.named_modules())
     routers = []
     for name in names:
@@ -202,7 +203,7 @@ def _report_moe_parts_left_out(model: nn.Module, names: list[str]) -> None:
         parent = modules[parent_name] if parent_name else model
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if full == name or _is_target(child) or any(True for _ in child.children()):
+            if full == name or _is_target(child) or any(True for _ in child.children()) or full in save_names:
                 continue
             if isinstance(getattr(child, "weight", None), nn.Parameter):
                 routers.append(full)
@@ -235,6 +236,11 @@ def lorafa_layers(model: nn.Module) -> dict[str, LoraFALinear]:
 def lorafa_experts(model: nn.Module) -> dict[str, LoraFAExperts]:
     """The LoRA-FA fused experts modules of ``model`` by module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraFAExperts)}
+
+
+def lorafa_modules(model: nn.Module) -> dict[str, LoraFALinear | LoraFAExperts]:
+    """Every module of ``model`` with a LoRA-FA adapter (linear layers and fused experts), by name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoraFALinear, LoraFAExperts))}
 
 
 def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, **overrides: Any) -> list[str]:
@@ -270,7 +276,7 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
     """
     settings = adapter_settings(settings, overrides, "apply_lorafa")
     r = settings.r
-    existing = {**lorafa_layers(model), **lorafa_experts(model)}
+    existing = lorafa_modules(model)
     if existing:
         config = getattr(model, "lorafa_config", None)
         with_what = f" with r={config.r}, alpha={config.alpha}" if isinstance(config, LoraFAConfig) else ""
@@ -308,7 +314,7 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
             "those layers out (exclude=[...])."
         )
 
-    _report_moe_parts_left_out(model, names)
+    _report_moe_parts_left_out(model, names, save_names)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
@@ -471,7 +477,7 @@ def merge_lorafa(model: nn.Module) -> nn.Module:
     Returns ``model`` (changed in place), ready for inference or export as a plain model.
     """
     modules = dict(model.named_modules())
-    for name, layer in {**lorafa_layers(model), **lorafa_experts(model)}.items():
+    for name, layer in lorafa_modules(model).items():
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer.base)

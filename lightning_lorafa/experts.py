@@ -62,19 +62,19 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 
 def fused_expert_like_parameters(model: nn.Module) -> list[str]:
-    """Names of 3D floating-point parameters outside the experts modules that ``is_fused_experts`` recognises:
-    weights that look like fused experts of an architecture this library does not know."""
-    known = {
-        name for name, module in model.named_modules() if is_fused_experts(module) or isinstance(module, LoraFAExperts)
-    }
+    """Names of parameters that look like fused experts of an architecture this library does not know: 3D,
+    floating point, more than one entry along the first (experts) dimension, held by a module that is neither one of
+    torch's own (a ``Conv1d`` weight is 3D too) nor an experts module that ``is_fused_experts`` recognises."""
+    modules = dict(model.named_modules())
+    known = [name for name, module in modules.items() if is_fused_experts(module) or isinstance(module, LoraFAExperts)]
     found = []
     for name, param in model.named_parameters():
         owner = name.rpartition(".")[0]
-        if (
-            param.ndim == 3
-            and param.is_floating_point()
-            and not any(owner == k or owner.startswith(k + ".") for k in known)
-        ):
+        if param.ndim != 3 or not param.is_floating_point() or param.shape[0] < 2:
+            continue
+        if type(modules[owner]).__module__.startswith("torch.nn"):
+            continue
+        if not any(owner == k or owner.startswith(k + ".") for k in known):
             found.append(name)
     return found
 

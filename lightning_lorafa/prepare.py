@@ -30,6 +30,7 @@ from lightning_lorafa.convert import (
     get_lorafa_config,
     lorafa_experts,
     lorafa_layers,
+    lorafa_modules,
 )
 from lightning_lorafa.correction import GradientCorrection
 from lightning_lorafa.dropout import inline_functional_dropouts, replace_dropout
@@ -63,9 +64,10 @@ class Preparation:
         trainable, total = count_parameters(model)
         b_params = sum(layer.lora_B.numel() for layer in layers.values())
         b_params += sum(a.lora_B.numel() for e in experts.values() for a in e.adapters.values())
-        scaling = next(iter({**layers, **experts}.values())).scaling
+        adapted = lorafa_modules(model)
+        scaling = next(iter(adapted.values())).scaling
         verb = "uses the adapters already in" if self.adopted else "converted"
-        suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in {**layers, **experts}}))
+        suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
         what = f"{len(layers)} linear layers"
         if experts:
             num = next(iter(experts.values())).num_experts

@@ -344,9 +344,11 @@ def test_the_gate_without_transformers_apply_gate_is_its_documented_default():
         _compat.experts_gate(plain)
 
 
-def test_routers_train_fully_when_named_in_modules_to_save():
+def test_routers_train_fully_when_named_in_modules_to_save(caplog):
     model = build("Mixtral", 0.0)
-    apply_lorafa(model, r=4, alpha=8, modules_to_save=["gate"])
+    with caplog.at_level(logging.INFO, logger="lightning_lorafa"):
+        apply_lorafa(model, r=4, alpha=8, modules_to_save=["gate"])
+    assert not [r for r in caplog.records if "MoE routers" in r.getMessage()]  # not called frozen
     routers = [f"model.layers.{i}.mlp.gate" for i in range(2)]
     assert model.lorafa_config.modules_to_save == routers
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -176,3 +176,15 @@ def test_inline_functional_dropouts_that_keep_their_masks_are_named_with_the_rea
     # a model whose dropouts are all 0 keeps no mask, and none is named
     quiet = prepare_model(build(name, 0.0).train(), r=4, alpha=8, modules_to_save=[])
     assert not [why for why in quiet.kept_masks.values() if "functional.dropout" in why]
+
+
+def test_no_architecture_of_the_matrix_is_warned_about_unknown_fused_experts():
+    """The warning for 3D parameters that look like fused experts stays quiet on convolutions (Whisper), position
+    embeddings and class tokens (ViT, CLIP) and the experts it adapts."""
+    import warnings
+
+    for name in NAMES:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            converted(name)
+        assert not [w for w in caught if "fused MoE experts" in str(w.message)], name
