@@ -170,8 +170,8 @@ class LoraFAExperts(nn.Module):
 
     Args:
         base: an experts module that ``is_fused_experts`` accepts; its parameters are frozen.
-        r, alpha, dropout, use_rslora, seed, init_a: as for ``LoraFALinear``; projection ``name`` draws its A's
-            from ``seed`` and its name, expert e from ``expert_seed``.
+        r, alpha, dropout, use_rslora, seed, init_a: as for ``LoraFALinear``; the i-th projection (gate/up, then
+            down) draws its A's from ``seed + i``, expert e's from ``expert_seed(seed + i, e)``.
 
     Called like the base: ``(hidden (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)``.
 
