@@ -360,3 +360,19 @@ def test_routers_train_fully_when_named_in_modules_to_save(caplog):
     model(**ARCHS["Mixtral"].batch()).loss.backward()
     optimizer.step()
     assert not torch.equal(model.model.layers[0].mlp.gate.weight, before)
+
+
+def test_the_merged_export_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lorafa.export import save_merged
+
+    model = build("Mixtral", 0.0)
+    apply_lorafa(model, r=4, alpha=8)
+    randomize_lora_B(model)
+    batch = ARCHS["Mixtral"].batch()
+    expected = model(**batch).logits
+    save_merged(model, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(plain.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+    torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-5)
