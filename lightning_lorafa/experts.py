@@ -23,17 +23,15 @@ B's gradient correction is per expert: ``g_B,e (A_e A_e^T)^{-1} / s^2``, one bat
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from lightning_lorafa import _compat
 from lightning_lorafa.correction import CorrectedGradient, correction_matrix
-from lightning_lorafa.init import check_init_a, draw_lora_A
+from lightning_lorafa.init import draw_lora_A
 from lightning_lorafa.kernels import keep_scale
-from lightning_lorafa.layer import add_lora_fa_branch, branch_dtype, check_lora_arguments, scaled_copy
+from lightning_lorafa.layer import add_lora_fa_branch, branch_dtype, scaled_copy, set_adapter_settings
 
 #: The flags transformers' experts interface sets on an experts module.
 EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed")
@@ -191,8 +189,7 @@ class LoraFAExperts(nn.Module):
         init_a: str = "kaiming",
     ) -> None:
         super().__init__()
-        check_lora_arguments(r, alpha, dropout)
-        check_init_a(init_a)
+        set_adapter_settings(self, r, alpha, dropout, use_rslora, seed, init_a)  # checked first
         if not is_fused_experts(base):
             raise TypeError(
                 "LoraFAExperts adapts fused experts modules (transformers' experts interface), got "
@@ -200,9 +197,6 @@ class LoraFAExperts(nn.Module):
             )
         self.base = base
         self.base.requires_grad_(False)
-        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
-        self.seed, self.init_a = seed, init_a
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
         adapters = {}
         for index, name in enumerate(expert_projections(base)):
@@ -267,6 +261,7 @@ class LoraFAExperts(nn.Module):
         sorted_ids, order = torch.sort(expert_ids, stable=True)
         counts = torch.bincount(sorted_ids, minlength=self.num_experts + 1).tolist()  # one host sync, as eager's
         gathered = hidden_states[order % num_tokens]  # (S, H): indexing keeps the indices, not the rows
+        gate = _compat.experts_gate(base) if base.has_gate else base.act_fn
         outputs, start = [], 0
         for expert, count in enumerate(counts[: self.num_experts]):
             if count == 0:
@@ -274,7 +269,6 @@ class LoraFAExperts(nn.Module):
             x = gathered[start : start + count]
             start += count
             y = self._project(up_name, x, expert, up_ops, p)
-            gate = _compat.experts_gate(base) if base.has_gate else base.act_fn
             y = RecomputedActivation.apply(y, gate) if y.requires_grad else gate(y)
             y = self._project(down_name, y, expert, down_ops, p)
             if getattr(base, "has_post_expert_norm", False):

@@ -134,8 +134,7 @@ class LoraFALinear(nn.Module):
         init_a: str = "kaiming",
     ) -> None:
         super().__init__()
-        check_lora_arguments(r, alpha, dropout)
-        check_init_a(init_a)
+        set_adapter_settings(self, r, alpha, dropout, use_rslora, seed, init_a)  # checked first
         if not is_linear(base):
             raise TypeError(
                 f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__} (transformers' Conv1D works too)."
@@ -149,9 +148,6 @@ class LoraFALinear(nn.Module):
         self.base = base
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.base.requires_grad_(False)
-        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
-        self.seed, self.init_a = seed, init_a
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         weight = base.weight
         full_precision = weight.is_floating_point() and not is_quantized(base)
         factory = {"device": weight.device, "dtype": weight.dtype if full_precision else torch.float32}
@@ -261,6 +257,18 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 def is_quantized(linear: nn.Module) -> bool:
     """Whether ``linear`` is a bitsandbytes quantized linear (``Linear4bit``, ``Linear8bitLt``, ...)."""
     return type(linear).__module__.startswith("bitsandbytes.")
+
+
+def set_adapter_settings(
+    module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, seed: int, init_a: str
+) -> None:
+    """Check an adapter's settings and set them on ``module`` (a ``LoraFALinear`` or ``LoraFAExperts``) with its
+    scaling ``s = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``)."""
+    check_lora_arguments(r, alpha, dropout)
+    check_init_a(init_a)
+    module.r, module.alpha, module.dropout, module.use_rslora = r, alpha, float(dropout), use_rslora
+    module.seed, module.init_a = seed, init_a
+    module.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def check_lora_arguments(r: int, alpha: float, dropout: float) -> None:
