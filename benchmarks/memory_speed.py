@@ -61,8 +61,11 @@ ROBERTA_TARGETS = ["query", "key", "value", "dense"]
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # transformers' Conv1D (weight stored (d_in, d_out))
-MOE_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # plus the fused experts of every MoE block
-MOE_EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]  # PEFT's target_parameters for them
+#: The attention projections, the fused experts and the router of every MoE block (what PEFT's all-linear adapts).
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts", "gate"]
+#: PEFT's target_parameters for the experts and the router (a weight, not a linear module).
+MOE_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj", "gate.weight"]
+MOE_EXPERTS = MOE_PARAMETERS[:2]
 
 
 @dataclass(frozen=True)
@@ -157,9 +160,9 @@ def build_model(spec: Spec, layers: int, dropout: float) -> tuple[nn.Module, lis
         )
         if spec.family == "mixtral":
             config = MixtralConfig(intermediate_size=spec.ffn, num_local_experts=spec.experts, **common)
-            return MixtralForCausalLM(config), MOE_ATTENTION + ["experts"], None
+            return MixtralForCausalLM(config), MOE_TARGETS, None
         config = Qwen3MoeConfig(moe_intermediate_size=spec.ffn, num_experts=spec.experts, head_dim=64, **common)
-        return Qwen3MoeForCausalLM(config), MOE_ATTENTION + ["experts"], None
+        return Qwen3MoeForCausalLM(config), MOE_TARGETS, None
     config = LlamaConfig(
         vocab_size=spec.vocab or 32000,
         hidden_size=spec.width,
@@ -191,13 +194,13 @@ def prepare(
         prepare_model(model, settings)  # what LoraFA(**settings) runs on setup
         return model, create_lorafa_optimizer(model, lr=1e-4)
     if method != "Full-FT":
-        experts = [t for t in targets if t == "experts"]
+        experts = "experts" in targets
         config = LoraConfig(
             r=r,
             lora_alpha=2 * r,
             lora_dropout=0.0 if experts else lora_dropout,  # PEFT adapts experts only without dropout
-            target_modules=[t for t in targets if t != "experts"],
-            target_parameters=MOE_EXPERTS if experts else None,
+            target_modules=[t for t in targets if t not in ("experts", "gate")],
+            target_parameters=MOE_PARAMETERS if experts else None,
             fan_in_fan_out=model.config.model_type == "gpt2",
         )
         config.modules_to_save = to_save

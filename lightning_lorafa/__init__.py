@@ -34,6 +34,7 @@ from lightning_lorafa.peft_export import export_peft
 from lightning_lorafa.prepare import Preparation, attach_gradient_correction, prepare_model
 from lightning_lorafa.quantization import keep_no_quantized_inputs, load_quantized_model, quantization_config
 from lightning_lorafa.recompute import apply_recompute
+from lightning_lorafa.router import LoraFARouter
 from lightning_lorafa.settings import AdapterSettings, LoraFASettings
 from lightning_lorafa.sharding import convert_before_sharding, fully_shard_blocks, transformer_block_classes
 
@@ -46,6 +47,7 @@ __all__ = [
     "LoraFALinear",
     "LoraFAModelParallelStrategy",
     "LoraFAOptimizer",
+    "LoraFARouter",
     "LoraFASettings",
     "Preparation",
     "adapter_state_dict",

@@ -20,6 +20,7 @@ from lightning_lorafa.experts import (
     is_fused_experts,
 )
 from lightning_lorafa.layer import LoraFALinear, is_linear, linear_features
+from lightning_lorafa.router import LoraFARouter, is_router
 from lightning_lorafa.settings import AdapterSettings, Targets, adapter_settings
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,21 @@ def find_target_modules(
     """Names of the modules ``apply_lorafa`` would convert, in ``named_modules`` order.
 
     ``"all-linear"`` selects every ``nn.Linear``, transformers ``Conv1D`` (GPT-2's linears, weight stored
-    (d_in, d_out)) and fused MoE experts module (transformers' experts interface) except output heads
+    (d_in, d_out)), fused MoE experts module (transformers' experts interface) and router beside one
+    (``is_router``: Mixtral's, Qwen2-MoE's and Qwen3-MoE's ``mlp.gate``), except output heads
     (``lm_head``, ``classifier``, ``score``, ...) and, when ``r`` is given,
     gates narrower than ``r`` (e.g. Qwen2-MoE's ``shared_expert_gate``, hidden -> 1), which it logs by name;
     a string is a full-match regex over module names; a list holds names or dotted suffixes (``"q_proj"``).
 
     Raises:
         ValueError: nothing matches (the message lists the linear layers that exist).
-        TypeError: a matched module is not an ``nn.Linear`` or ``Conv1D``.
+        TypeError: a matched module is not an ``nn.Linear``, ``Conv1D``, fused experts module or router.
     """
     linears = [name for name, module in model.named_modules() if is_linear(module)]
     if target_modules == "all-linear":
         heads = _output_head_names(model)
-        adaptable = [name for name, module in model.named_modules() if _is_target(module)]
+        routers = set(moe_routers(model))
+        adaptable = [name for name, module in model.named_modules() if _is_target(module) or name in routers]
         selected = [name for name in adaptable if not _is_under(name, heads)]
         if r is not None:
             selected = _skip_narrow_layers(model, selected, r)
@@ -114,10 +117,12 @@ def find_target_modules(
     if not names:
         raise ValueError(_no_match_message(model, linears, target_modules, exclude))
     modules = dict(model.named_modules())
-    wrong = [f"{_path(name)} ({type(modules[name]).__name__})" for name in names if not _is_target(modules[name])]
+    wrong = [
+        f"{_path(name)} ({type(modules[name]).__name__})" for name in names if _adapter_class(modules[name]) is None
+    ]
     if wrong:
         raise TypeError(
-            f"LoRA-FA adapts nn.Linear layers, transformers' Conv1D and fused MoE experts only; "
+            f"LoRA-FA adapts nn.Linear layers, transformers' Conv1D, fused MoE experts and MoE routers only; "
             f"target_modules={target_modules!r} matched: {', '.join(wrong)}. "
             "Narrow target_modules (a list of suffixes matches whole name components) or add them to exclude."
         )
@@ -135,7 +140,7 @@ def _skip_narrow_layers(model: nn.Module, names: list[str], r: int) -> list[str]
         if is_fused_experts(modules[name]):
             kept.append(name)  # r is checked against each projection in apply_lorafa
             continue
-        d_in, d_out = linear_features(modules[name])
+        d_in, d_out = _target_features(modules[name])[0]
         narrow, wide = min(d_in, d_out), max(d_in, d_out)
         if narrow < r and 4 * narrow <= wide:
             log.info("LoRA-FA: all-linear leaves %s (%d -> %d) out: a gate narrower than r=%d.", name, d_in, d_out, r)
@@ -179,21 +184,48 @@ def _path(name: str) -> str:
 
 
 def _is_target(module: nn.Module) -> bool:
-    """Whether LoRA-FA adapts ``module``: a linear (``nn.Linear``, ``Conv1D``) or a fused experts module."""
+    """Whether "all-linear" adapts ``module`` wherever it is: a linear (``nn.Linear``, ``Conv1D``) or a fused experts
+    module (routers only beside experts: ``moe_routers``)."""
     return is_linear(module) or is_fused_experts(module)
+
+
+def _adapter_class(module: nn.Module) -> type[LoraFALinear] | type[LoraFAExperts] | None:
+    """The class that adapts ``module``, or None when LoRA-FA cannot adapt it."""
+    if is_fused_experts(module):
+        return LoraFAExperts
+    if is_linear(module):
+        return LoraFALinear
+    return LoraFARouter if is_router(module) else None
+
+
+def moe_routers(model: nn.Module) -> list[str]:
+    """Names of the routers (``is_router``) that sit beside a fused experts module in its MoE block."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, module in modules.items():
+        if not is_fused_experts(module):
+            continue
+        parent_name = name.rpartition(".")[0]
+        for child_name, child in (modules[parent_name] if parent_name else model).named_children():
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if full != name and full not in found and is_router(child):
+                found.append(full)
+    return found
 
 
 def _target_features(module: nn.Module) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of each projection an adapter is added to."""
     if is_fused_experts(module):
         return [expert_features(module, name) for name in expert_projections(module)]
-    return [linear_features(module)]
+    if is_linear(module):
+        return [linear_features(module)]
+    return [LoraFARouter.base_features(module)]
 
 
 def _report_moe_parts_left_out(model: nn.Module, names: list[str], save_names: list[str]) -> None:
-    """Log the routers beside the adapted experts (no adapter: they are not linear layers; those in ``save_names``
-    train fully), and warn about 3D parameters that look like fused experts of an architecture this library does
-    not recognise."""
+    """Log the weights beside the adapted experts that get no adapter (routers not among the targets, or that
+    ``is_router`` does not accept; those in ``save_names`` train fully), and warn about 3D parameters that look like
+    fused experts of an architecture this library does not recognise."""
     modules = dict(model.named_modules())
     routers = []
     for name in names:
@@ -203,13 +235,14 @@ def _report_moe_parts_left_out(model: nn.Module, names: list[str], save_names: l
         parent = modules[parent_name] if parent_name else model
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if full == name or _is_target(child) or any(True for _ in child.children()) or full in save_names:
+            if full in names or _is_target(child) or any(True for _ in child.children()) or full in save_names:
                 continue
             if isinstance(getattr(child, "weight", None), nn.Parameter):
                 routers.append(full)
     if routers:
         log.info(
-            "LoRA-FA: the MoE routers %s are left out (a router is a weight, not a linear layer; it stays frozen).",
+            "LoRA-FA: the MoE routers %s get no adapter and stay frozen (not among the targets, or their forward does "
+            "not compute F.linear(hidden, weight)); modules_to_save=[...] trains them fully.",
             ", ".join(routers),
         )
     unknown = fused_expert_like_parameters(model)
@@ -229,7 +262,8 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def lorafa_layers(model: nn.Module) -> dict[str, LoraFALinear]:
-    """The LoRA-FA linear layers of ``model`` by module name (fused experts: ``lorafa_experts``)."""
+    """The LoRA-FA linear layers of ``model`` by module name, MoE routers (``LoraFARouter``) included (fused experts:
+    ``lorafa_experts``)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraFALinear)}
 
 
@@ -244,16 +278,17 @@ def lorafa_modules(model: nn.Module) -> dict[str, LoraFALinear | LoraFAExperts]:
 
 
 def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, **overrides: Any) -> list[str]:
-    """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers, and its fused MoE
-    experts modules by ``LoraFAExperts`` (a frozen A_e and a trainable B_e per expert and projection).
+    """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers, its fused MoE
+    experts modules by ``LoraFAExperts`` (a frozen A_e and a trainable B_e per expert and projection) and its MoE
+    routers by ``LoraFARouter`` (the branch on the router's logits).
 
     ``apply_lorafa(model, r=8, alpha=32, dropout=0.0, target_modules="all-linear", exclude=None,
     modules_to_save=None, seed=0, use_rslora=False, init_a="kaiming")``: the keyword arguments are the fields of
     ``AdapterSettings`` (``lightning_lorafa.settings``, with a help string each); an ``AdapterSettings`` (or a
     ``LoraFA`` callback) may be passed instead, and keywords override its fields.
 
-    The MoE routers beside adapted experts are logged and stay frozen; 3D parameters that look like fused experts
-    of an architecture not recognised get a warning naming them.
+    Routers beside adapted experts that get no adapter are logged by name and stay frozen; 3D parameters that look
+    like fused experts of an architecture not recognised get a warning naming them.
 
     Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``, which
     train fully. ``modules_to_save=None`` (the default) trains the model's fresh task head, found from its
@@ -318,8 +353,7 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        adapter_class = LoraFAExperts if is_fused_experts(modules[name]) else LoraFALinear
-        layer = adapter_class(
+        layer = _adapter_class(modules[name])(
             modules[name],
             r,
             settings.alpha,

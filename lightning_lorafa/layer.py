@@ -135,11 +135,7 @@ class LoraFALinear(nn.Module):
     ) -> None:
         super().__init__()
         set_adapter_settings(self, r, alpha, dropout, use_rslora, seed, init_a)  # checked first
-        if not is_linear(base):
-            raise TypeError(
-                f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__} (transformers' Conv1D works too)."
-            )
-        d_in, d_out = linear_features(base)
+        d_in, d_out = self.base_features(base)
         if r > min(d_in, d_out):
             raise ValueError(
                 f"r={r} exceeds min(in_features, out_features)={min(d_in, d_out)} "
@@ -158,6 +154,15 @@ class LoraFALinear(nn.Module):
         self._scaled_A: dict[tuple[torch.dtype, float], tuple[torch.Tensor, int, torch.Tensor]] = {}
         if weight.device.type != "meta":
             self.reset_parameters()
+
+    @staticmethod
+    def base_features(base: nn.Module) -> tuple[int, int]:
+        """``(d_in, d_out)`` of a base this class adapts; raises ``TypeError`` for any other module."""
+        if not is_linear(base):
+            raise TypeError(
+                f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__} (transformers' Conv1D works too)."
+            )
+        return linear_features(base)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -183,13 +188,15 @@ class LoraFALinear(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        return getattr(self.base, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
         y = self.base(x)
-        if self.merged:
-            return y
+        return y if self.merged else self.add_branch(y, x)
+
+    def add_branch(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + s * dropout(x) A^T B^T`` for the base's output y (..., d_out) on its input x (..., d_in)."""
         p = self.dropout if self.training else 0.0
         dtype, lora_B = branch_dtype(x, self.lora_B)
         if self.correct_in_backward and lora_B.requires_grad:

@@ -4,7 +4,8 @@ PEFT's LoRA computes the same ``base(x) + s * dropout(x) A^T B^T``; its format d
 A was frozen, so the exported A is the exact A we trained with. Layers on transformers' ``Conv1D`` (GPT-2)
 are exported with ``fan_in_fan_out``, PEFT's flag for that weight layout; A and B keep their shapes. Fused MoE
 experts are exported in PEFT's ``target_parameters`` format (``ParamWrapper``, A (E * r, d_in), B (d_out, E * r)),
-with ``lora_dropout`` 0, which PEFT requires there. The directory loads with
+and so are MoE routers (``LoraFARouter``: ``<router>.weight``, A (r, H), B (E, r)), with ``lora_dropout`` 0, which
+PEFT requires there. The directory loads with
 ``peft.PeftModel.from_pretrained(base_model, directory)``.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from lightning_lorafa.checkpoint import atomic_write
 from lightning_lorafa.convert import get_lorafa_config, lorafa_experts, lorafa_layers
+from lightning_lorafa.router import LoraFARouter
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -130,6 +132,8 @@ def export_peft(
     target_parameters = [
         f"{name}.{param}" for name, experts in lorafa_experts(model).items() for param in experts.adapters
     ]
+    routers = [name for name, layer in lorafa_layers(model).items() if isinstance(layer, LoraFARouter)]
+    target_parameters += [f"{name}.weight" for name in routers]  # PEFT wraps a router's weight, not the module
     merged += [name for name, experts in lorafa_experts(model).items() if experts.merged]
     if merged:
         raise ValueError(f"Layers {merged[:4]} are merged; call unmerge() on them before exporting the adapter.")
@@ -141,11 +145,11 @@ def export_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "r": config.r,
         "lora_alpha": config.alpha,
-        # PEFT's ParamWrapper (fused experts) refuses dropout; an exported adapter is for inference, where the
-        # dropout does nothing.
+        # PEFT's ParamWrapper (fused experts, routers) refuses dropout; an exported adapter is for inference, where
+        # the dropout does nothing.
         "lora_dropout": 0.0 if target_parameters else config.dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": sorted(lorafa_layers(model)),
+        "target_modules": sorted(set(lorafa_layers(model)) - set(routers)),
         "target_parameters": target_parameters or None,
         "modules_to_save": modules_to_save or None,
         "bias": "none",

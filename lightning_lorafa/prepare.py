@@ -38,6 +38,7 @@ from lightning_lorafa.layer import is_quantized
 from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
 from lightning_lorafa.quantization import keep_no_quantized_inputs
 from lightning_lorafa.recompute import apply_recompute
+from lightning_lorafa.router import LoraFARouter
 from lightning_lorafa.settings import AdapterSettings, LoraFASettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class Preparation:
         scaling = next(iter(adapted.values())).scaling
         verb = "uses the adapters already in" if self.adopted else "converted"
         suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
-        what = f"{len(layers)} linear layers"
+        routers = sum(isinstance(layer, LoraFARouter) for layer in layers.values())
+        what = f"{len(layers) - routers} linear layers" + (f", {routers} MoE routers" if routers else "")
         if experts:
             num = next(iter(experts.values())).num_experts
             what += f" and {len(experts)} fused experts modules ({num} experts each)"

@@ -125,7 +125,7 @@ def unchanged(model, before):
         (
             {"target_modules": ["attention"]},
             TypeError,
-            r"adapts nn.Linear layers, transformers' Conv1D and fused MoE experts only.*RobertaAttention",
+            r"adapts nn.Linear layers, transformers' Conv1D, fused MoE experts and MoE routers only.*RobertaAttention",
         ),
         ({"r": 0}, ValueError, r"\(r=0\): r must be >= 1"),
         ({"r": 33}, ValueError, r"exceeds min\(in_features, out_features\)"),

@@ -19,10 +19,9 @@ import models_table  # noqa: E402
 from models_table import ARCHS, build, logits_of  # noqa: E402
 
 NAMES = list(ARCHS)
-#: What PEFT LoRA's all-linear adapts and ours does not, by last name component, beyond heads and narrow gates:
-#: the MoE routers ("gate", a weight inside the router's own forward: ours logs and freezes them; PEFT's nested
-#: ParamWrapper for a second expert parameter is "experts.base_layer", ours one module per experts).
-KNOWN_GAPS = {"Mixtral": {"gate", "base_layer"}, "Qwen3-MoE": {"gate", "base_layer"}}
+#: What PEFT LoRA's all-linear adapts and ours does not, by last name component, beyond heads and narrow gates: no
+#: weight, but PEFT's nested ParamWrapper for a second expert parameter is "experts.base_layer" (ours: one module).
+KNOWN_GAPS = {"Mixtral": {"base_layer"}, "Qwen3-MoE": {"base_layer"}}
 MOE = {"Mixtral", "Qwen2-MoE", "Qwen3-MoE"}
 HEADS = {"head", "dense", "out_proj", "classifier", "pre_classifier"}  # heads (and their layers) PEFT adapts
 
@@ -38,10 +37,11 @@ def test_adapts_what_peft_lora_adapts(name):
     ours = set(converted(name).lorafa_config.target_modules)
     peft = set(models_table.peft_targets(name))
     assert ours, name
-    # ours adapts the fused experts of every MoE; PEFT's all-linear adapts them on Mixtral and Qwen3-MoE only
-    assert all(n.endswith(".experts") for n in ours - peft), ours - peft
+    # ours adapts the fused experts and routers of every MoE; PEFT's all-linear adapts them on Mixtral and Qwen3-MoE
+    assert all(n.endswith((".experts", ".mlp.gate")) for n in ours - peft), ours - peft
     if name in MOE:
         assert {n for n in ours if n.endswith(".experts")} == {f"model.layers.{i}.mlp.experts" for i in range(2)}
+        assert {n for n in ours if n.endswith(".gate")} == {f"model.layers.{i}.mlp.gate" for i in range(2)}
     # What PEFT adapts beyond ours is a head the user trains with modules_to_save, or a gate narrower than r.
     left = {n.rsplit(".", 1)[-1] for n in peft - ours}
     assert left <= HEADS | {"shared_expert_gate"} | KNOWN_GAPS.get(name, set()), left
