@@ -17,6 +17,8 @@ Features, the private API each needs, and what happens without it:
   ``LoraFAModelParallelStrategy`` cannot load checkpoints.
 - ``ddp_ignore_buffers`` (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``): DDP
   broadcasts the frozen A at every step (correct, slower).
+- a model's own eager attention (``eager_attention_forward`` of its modeling file): softcapped models (Gemma2)
+  keep their own attention, and its dropout mask.
 - the experts' gate (``_apply_gate``, which transformers' experts interface adds to an experts class): without it,
   ``act(gate) * up`` of the two halves of the gate/up output, the interface's documented default.
 """
@@ -177,6 +179,16 @@ def experts_gate(experts: torch.nn.Module) -> Callable[[torch.Tensor], torch.Ten
         return experts.act_fn(gate_half) * up
 
     return concatenated_gate
+
+
+# ---------------------------------------------------------------- transformers: a model's own eager attention
+def model_eager_attention(module_class: type) -> Callable | None:
+    """``eager_attention_forward`` of the modeling file that defines ``module_class`` (not an exported name: each
+    modeling file defines its own, the function its attention runs on ``"eager"``); None where it has none, and the
+    softcapped models then keep their own attention."""
+    import sys
+
+    return getattr(sys.modules.get(module_class.__module__), "eager_attention_forward", None)
 
 
 def ddp_ignored_names(module: torch.nn.Module) -> list[str]:

@@ -4,11 +4,20 @@
 device allow it, otherwise PyTorch SDPA (whose own flash and memory-efficient kernels run on CUDA),
 otherwise eager, and switches already-built models with ``PreTrainedModel.set_attn_implementation``.
 
-``use_seeded_dropout_attention(model)`` switches models on ``"eager"`` or ``"sdpa"`` attention to
-``RECOMPUTED_DROPOUT_SDPA``: transformers' SDPA, except where a CPU training step drops attention
-probabilities, where ``_RecomputedDropoutAttention`` keeps q, k, v and a seed instead of the mask and the
-probabilities. The function is registered with transformers' ``AttentionInterface`` when first asked for,
-not at import.
+``use_seeded_dropout_attention(model)`` switches models on ``"eager"`` or ``"sdpa"`` attention to one of two
+implementations that, where a CPU training step drops attention probabilities, run ``_RecomputedDropoutAttention``:
+it keeps q, k, v, the bias/mask and a seed instead of the mask and the probabilities. Elsewhere (no dropout, eval,
+CUDA) each runs what the model would:
+
+- ``RECOMPUTED_DROPOUT_SDPA``: transformers' SDPA (and its boolean masks), for models that support SDPA;
+- ``RECOMPUTED_DROPOUT_EAGER``: the model's own eager attention (and eager's additive masks), for models that
+  softcap their attention scores (Gemma2, ``config.attn_logit_softcapping``), which SDPA cannot do. transformers
+  refuses any name containing ``"sdpa"`` on a model without SDPA support, hence the second name.
+
+Models without SDPA support that do not softcap keep their own attention: their eager attention may not be
+``softmax(q k^T * scaling + mask)`` (attention sinks), and neither may attention outside transformers' attention
+interface (DeBERTa-v2, BLOOM, Falcon). The functions are registered with transformers' ``AttentionInterface`` when
+first asked for, not at import.
 """
 
 from __future__ import annotations
@@ -30,13 +39,16 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ATTN_IMPLEMENTATIONS
 RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
+RECOMPUTED_DROPOUT_EAGER = "eager_recomputed_dropout"
+SEEDED_IMPLEMENTATIONS = (RECOMPUTED_DROPOUT_SDPA, RECOMPUTED_DROPOUT_EAGER)
 _registered = False
 
 
 class _RecomputedDropoutAttention(torch.autograd.Function):
-    """``dropout(softmax(q k^T * scaling + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only.
+    """``dropout(softmax(cap(q k^T * scaling) + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only.
 
-    q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D). The products are ``bmm`` on (B * H, S, D) views
+    ``cap(s) = softcap * tanh(s / softcap)`` with a ``softcap`` (Gemma2's order: before bias and mask), else
+    ``s``. q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D). The products are ``bmm`` on (B * H, S, D) views
     (what ``matmul`` runs underneath, so the values are the same bits, with less dispatch per call); q, k and v
     are kept in that layout. Under CPU autocast, backward recomputes under the forward's autocast state.
     """
@@ -52,6 +64,7 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         scaling: float,
         p: float,
         seed: torch.Tensor,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         batch, heads, q_length, head_dim = query.shape
         kv_length = key.shape[2]
@@ -59,9 +72,9 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
         key = key.reshape(batch * heads, kv_length, head_dim)
         value = value.reshape(batch * heads, kv_length, value.shape[-1])
         shape = (batch, heads, q_length, kv_length)
-        probs = _probabilities(query, key, bias, mask, scaling, shape)
+        probs = _probabilities(query, key, bias, mask, scaling, shape, softcap)[0]
         ctx.save_for_backward(query, key, value, bias, mask, seed)
-        ctx.scaling, ctx.p, ctx.shape = scaling, p, shape
+        ctx.scaling, ctx.p, ctx.shape, ctx.softcap = scaling, p, shape, softcap
         ctx.autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         dropped = _apply_masks(seed, p, probs)[0].view(batch * heads, q_length, kv_length)
         return torch.bmm(dropped, value).view(batch, heads, q_length, -1)
@@ -76,10 +89,11 @@ class _RecomputedDropoutAttention(torch.autograd.Function):
 
 def _attention_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``_RecomputedDropoutAttention`` for q, k, v and the bias; the same op order as autograd's
-    for the eager composition (``matmul``, ``* scaling``, ``+ bias``, softmax, dropout, ``matmul``)."""
+    for the eager composition (``matmul``, ``* scaling``, ``/ softcap``, tanh, ``* softcap``, ``+ bias``, softmax,
+    dropout, ``matmul``)."""
     query, key, value, bias, mask, seed = ctx.saved_tensors
     batch, heads, q_length, kv_length = shape = ctx.shape
-    probs = _probabilities(query, key, bias, mask, ctx.scaling, shape)
+    probs, tanh = _probabilities(query, key, bias, mask, ctx.scaling, shape, ctx.softcap)
     grad_out = grad_out.reshape(batch * heads, q_length, -1)
     grad_probs = torch.bmm(grad_out, value.transpose(1, 2)).view(shape)
     if grad_probs.dtype != probs.dtype:  # autocast: bf16 products, float32 probs (a float32 bias)
@@ -88,12 +102,19 @@ def _attention_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | Non
     grad_value = torch.bmm(dropped.view(batch * heads, q_length, kv_length).transpose(1, 2), grad_out)
     grad_scores = _compat.softmax_backward(grad_probs, probs, -1, probs.dtype)
     grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
-    grad_scores = grad_scores.mul_(ctx.scaling) if grad_bias is None else grad_scores * ctx.scaling
+    if tanh is not None:
+        # d/ds [c tanh(s / c)] = 1 - tanh^2(s / c) in autograd's order (* c, tanh_backward, / c), in the scores'
+        # dtype: under autocast, autograd casts the gradient there at ``+ mask``
+        grad_scores = torch.ops.aten.tanh_backward(grad_scores.to(tanh.dtype) * ctx.softcap, tanh).div_(ctx.softcap)
+    # in place unless sum_to_size returned grad_scores itself (a bias of the scores' shape)
+    fresh = grad_bias is None or tanh is not None
+    grad_scores = grad_scores.mul_(ctx.scaling) if fresh else grad_scores * ctx.scaling
     grad_scores = grad_scores.view(batch * heads, q_length, kv_length)
     grad_query = torch.bmm(grad_scores, key).view(batch, heads, q_length, -1)
     # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
     grad_key = torch.bmm(query.transpose(1, 2), grad_scores).transpose(1, 2).view(batch, heads, kv_length, -1)
-    return grad_query, grad_key, grad_value.view(batch, heads, kv_length, -1), grad_bias, None, None, None, None
+    grad_value = grad_value.view(batch, heads, kv_length, -1)
+    return grad_query, grad_key, grad_value, grad_bias, None, None, None, None, None
 
 
 def _apply_masks(seed: torch.Tensor, p: float, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -114,18 +135,24 @@ def _probabilities(
     mask: torch.Tensor | None,
     scaling: float,
     shape: tuple[int, int, int, int],
-) -> torch.Tensor:
-    """``softmax(q k^T * scaling + bias + mask)``: q (B * H, Sq, D), k (B * H, Sk, D) -> (B, H, Sq, Sk), in the
-    order eager attention uses; bool masks: True attends. In place on the fresh scores where dtypes agree
-    (the same rounding); a bias or mask of another dtype promotes, as ``+`` does."""
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``softmax(cap(q k^T * scaling) + bias + mask)`` and ``tanh(q k^T * scaling / softcap)`` (None without a
+    softcap; backward needs it): q (B * H, Sq, D), k (B * H, Sk, D) -> (B, H, Sq, Sk) each, in the order eager
+    attention uses; bool masks: True attends. In place on the fresh scores where dtypes agree (the same
+    rounding); a bias or mask of another dtype promotes, as ``+`` does."""
     scores = torch.bmm(query, key.transpose(1, 2)).view(shape).mul_(scaling)
+    tanh = None
+    if softcap is not None:
+        tanh = scores.div_(softcap).tanh_()
+        scores = tanh * softcap
     if bias is not None:
         scores = scores.add_(bias) if bias.dtype == scores.dtype else scores + bias
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
         scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1), tanh
 
 
 def recomputed_dropout_sdpa(
@@ -162,22 +189,64 @@ def recomputed_dropout_sdpa(
         )
     if kwargs.get("softcap") is not None:
         raise ValueError(f"`{RECOMPUTED_DROPOUT_SDPA}` attention does not support `softcap`.")
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _compat.repeat_kv(key, groups), _compat.repeat_kv(value, groups)
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None and causal and q_length > 1:
         ones = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
         attention_mask = ones.tril(kv_length - q_length)  # (Sq, Sk), True attends
+    return _seeded_attention(module, query, key, value, position_bias, attention_mask, scaling, dropout, None), None
+
+
+def recomputed_dropout_eager(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function for ``AttentionInterface``: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, Sq, H, D).
+
+    The eager attention function of ``module``'s modeling file (what the model runs on ``"eager"``, softcap
+    included), unless the step trains with attention dropout on CPU: there ``_RecomputedDropoutAttention``
+    computes it (``softcap * tanh(q k^T * scaling / softcap) + mask``) keeping q, k, v, the mask and a seed, and
+    returns no attention weights. ``attention_mask``: eager's additive (B, 1, Sq, Sk) mask, or None (no mask).
+    """
+    if dropout == 0.0 or not module.training or query.device.type != "cpu":
+        eager = _compat.model_eager_attention(type(module))
+        return eager(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs
+        )
+    return _seeded_attention(module, query, key, value, None, attention_mask, scaling, dropout, softcap), None
+
+
+def _seeded_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    p: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``_RecomputedDropoutAttention`` with a fresh seed: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, Sq, H, D)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _compat.repeat_kv(key, groups), _compat.repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     seed = draw_seed(query.device)
-    out = _RecomputedDropoutAttention.apply(query, key, value, position_bias, attention_mask, scaling, dropout, seed)
-    return out.transpose(1, 2).contiguous(), None
+    out = _RecomputedDropoutAttention.apply(query, key, value, bias, mask, scaling, p, seed, softcap)
+    return out.transpose(1, 2).contiguous()
 
 
 def register_seeded_dropout_attention() -> bool:
-    """Register ``recomputed_dropout_sdpa`` (and SDPA's mask builder) as ``RECOMPUTED_DROPOUT_SDPA`` with
-    transformers, once; False when transformers' SDPA function could not be imported (``_compat``)."""
+    """Register ``recomputed_dropout_sdpa`` (with SDPA's mask builder) as ``RECOMPUTED_DROPOUT_SDPA`` and
+    ``recomputed_dropout_eager`` (with eager's) as ``RECOMPUTED_DROPOUT_EAGER`` with transformers, once; False
+    when transformers' SDPA function could not be imported (``_compat``)."""
     if not _compat.HAS_SDPA_ATTENTION:
         _compat.warn_missing("sdpa_attention")
         return False
@@ -185,17 +254,21 @@ def register_seeded_dropout_attention() -> bool:
     if not _registered:
         AttentionInterface.register(RECOMPUTED_DROPOUT_SDPA, recomputed_dropout_sdpa)
         AttentionMaskInterface.register(RECOMPUTED_DROPOUT_SDPA, _compat.sdpa_mask)
+        AttentionInterface.register(RECOMPUTED_DROPOUT_EAGER, recomputed_dropout_eager)
+        AttentionMaskInterface.register(RECOMPUTED_DROPOUT_EAGER, AttentionMaskInterface()["eager"])
         _registered = True
     return True
 
 
 def use_seeded_dropout_attention(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """Switch every transformers model in ``model`` that runs ``"eager"`` or ``"sdpa"`` attention to
-    ``RECOMPUTED_DROPOUT_SDPA`` (attention weights are then not returned, as with SDPA).
+    ``RECOMPUTED_DROPOUT_EAGER`` if it softcaps its attention scores, else to ``RECOMPUTED_DROPOUT_SDPA``
+    (attention weights are then not returned while attention dropout runs on CPU; with SDPA, never).
 
     Returns ``(switched, kept)``: the names switched (``"<module name>.attn_implementation"``), and the models
-    left on their own attention by name with the reason (no SDPA support, softcapped attention, an
-    implementation such as FlashAttention that regenerates its dropout mask itself, or a model that refused).
+    left on their own attention by name with the reason (no SDPA support and no softcap, an implementation
+    such as FlashAttention that regenerates its dropout mask itself, or a model that refused, e.g. one whose
+    attention is not on transformers' attention interface).
     """
     switched: list[str] = []
     kept: dict[str, str] = {}
@@ -206,18 +279,19 @@ def use_seeded_dropout_attention(model: nn.Module) -> tuple[list[str], dict[str,
         configs.add(id(module.config))
         label = f"{name}.attn_implementation" if name else "attn_implementation"
         current = _compat.attn_implementation(module)
-        if current == RECOMPUTED_DROPOUT_SDPA:
+        if current in SEEDED_IMPLEMENTATIONS:
             continue
         reason = _why_not_seeded(module, current)
         if reason is None and not register_seeded_dropout_attention():
             reason = f"transformers' SDPA attention function is missing ({_compat.missing_features['sdpa_attention']})"
         if reason is None:
+            seeded = RECOMPUTED_DROPOUT_EAGER if _softcaps(module) else RECOMPUTED_DROPOUT_SDPA
             try:
-                module.set_attn_implementation(RECOMPUTED_DROPOUT_SDPA)
+                module.set_attn_implementation(seeded)
             except (ValueError, ImportError, NotImplementedError) as error:
                 reason = f"it refused: {error}"
             else:
-                if _compat.attn_implementation(module) == RECOMPUTED_DROPOUT_SDPA:
+                if _compat.attn_implementation(module) == seeded:
                     switched.append(label)
                     continue
                 reason = "it kept its attention implementation"
@@ -226,14 +300,22 @@ def use_seeded_dropout_attention(model: nn.Module) -> tuple[list[str], dict[str,
 
 
 def _why_not_seeded(model: PreTrainedModel, current: str | None) -> str | None:
-    """Why ``model``'s attention cannot become ``RECOMPUTED_DROPOUT_SDPA``, or None when it can."""
+    """Why ``model``'s attention cannot become ``RECOMPUTED_DROPOUT_EAGER`` (softcapping models) or
+    ``RECOMPUTED_DROPOUT_SDPA`` (the others), or None when it can."""
     if current not in ("eager", "sdpa"):
         return f"runs {current!r} attention, which is left alone"
+    if _softcaps(model):
+        if _compat.model_eager_attention(type(model)) is None:
+            return "softcaps its attention scores and its modeling file has no eager_attention_forward"
+        return None
     if not _compat.supports_attention(model, "sdpa"):
         return "does not support SDPA attention"
-    if getattr(model.config, "attn_logit_softcapping", None) is not None:
-        return "softcaps its attention scores, which SDPA does not do"
     return None
+
+
+def _softcaps(model: PreTrainedModel) -> bool:
+    """Whether ``model`` softcaps its attention scores (``config.attn_logit_softcapping``, e.g. Gemma2)."""
+    return getattr(model.config, "attn_logit_softcapping", None) is not None
 
 
 def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
@@ -254,7 +336,8 @@ def set_attention_implementation(
     a CUDA GPU of compute capability 8.0 or newer; otherwise ``"sdpa"`` when the model supports it; otherwise
     ``"eager"``. ``device`` is where the model will run (default: where its first parameter is; pass the
     trainer's root device when the model has not been moved yet). A model already switched to
-    ``RECOMPUTED_DROPOUT_SDPA`` by ``replace_dropout`` keeps it when the choice is ``"sdpa"`` or ``"eager"``.
+    ``RECOMPUTED_DROPOUT_SDPA`` or ``RECOMPUTED_DROPOUT_EAGER`` by ``use_seeded_dropout_attention`` keeps it when
+    the choice is ``"sdpa"`` or ``"eager"``.
 
     Returns ``"unchanged"`` for ``"auto"`` when ``model`` holds no transformers model.
     Raises ``ValueError`` for an unknown value, for an explicit value on a model without a transformers
@@ -278,8 +361,9 @@ def set_attention_implementation(
     device = torch.device(device)
     chosen = [_choose(target, implementation, device) for target in targets]
     for target, name in zip(targets, chosen, strict=True):
-        if _compat.attn_implementation(target) == RECOMPUTED_DROPOUT_SDPA and name in ("sdpa", "eager"):
-            name = RECOMPUTED_DROPOUT_SDPA
+        current = _compat.attn_implementation(target)
+        if current in SEEDED_IMPLEMENTATIONS and name in ("sdpa", "eager"):
+            name = current
             register_seeded_dropout_attention()
         target.set_attn_implementation(name)
         if _compat.attn_implementation(target) != name:
