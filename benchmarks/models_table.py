@@ -331,16 +331,19 @@ def table(names: list[str] | None = None) -> str:
 
 
 def kept_masks(name: str) -> str:
-    """What keeps a dropout mask in ours (as the callback prepares the model), in short: the attention, and the
-    classes whose code calls ``torch.nn.functional.dropout`` inline."""
+    """What keeps a dropout mask in ours (as the callback prepares the model), in short: the attention, the classes
+    whose code calls ``torch.nn.functional.dropout`` inline, and those calling ``scaled_dot_product_attention`` with
+    a dropout in attention of their own."""
     from lightning_lorafa import apply_lorafa
     from lightning_lorafa.prepare import keep_dropout_seeds
 
     model = build(name, DROPOUT).train()
     apply_lorafa(model, r=4, alpha=8, dropout=DROPOUT)
-    _, kept = keep_dropout_seeds(model)
+    _, kept, _ = keep_dropout_seeds(model)
     parts = ["attention probabilities" for key in kept if key.endswith(" attention")]
-    inline = [why.split(".forward", 1)[0] for key, why in kept.items() if not key.endswith(" attention")]
+    sdpa = [why.split(".forward", 1)[0] for why in kept.values() if "scaled_dot_product_attention" in why]
+    parts += [f"attention probabilities (SDPA call in {cls})" for cls in sdpa]
+    inline = [why.split(".forward", 1)[0] for key, why in kept.items() if "functional.dropout" in why]
     if inline:
         parts.append("inline in " + ", ".join(inline))
     return "; ".join(parts)

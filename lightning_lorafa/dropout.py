@@ -182,54 +182,64 @@ def replace_dropout(model: nn.Module) -> list[str]:
 
 #: A call of torch's functional dropout as model code writes it (``nn.functional.dropout(``, ``F.dropout(``).
 _FUNCTIONAL_DROPOUT = re.compile(r"\b(?:nn\.functional|functional|F)\.dropout\s*\(")
+#: A ``scaled_dot_product_attention(...)`` call whose ``dropout_p`` is not a literal 0 (Falcon's own attention).
+_SDPA_DROPOUT = re.compile(
+    r"scaled_dot_product_attention\s*\((?:[^()]|\([^()]*\))*?\bdropout_p\s*=\s*(?!0(?:\.0*)?\s*[,)])"
+)
 
 
 def inline_functional_dropouts(model: nn.Module) -> dict[str, str]:
-    """The modules whose own ``forward`` calls ``torch.nn.functional.dropout`` inline, one entry per class:
-    ``{first module name: why its dropout keeps a mask}``.
+    """The modules whose own ``forward`` drops values inline, one entry per class: ``{first module name: why its
+    dropout keeps a mask}``.
 
-    Such a call (BART's and Whisper's hidden and activation dropouts, Falcon's and BLOOM's residual dropouts) is
-    no module that ``replace_dropout`` can swap, and reaching it would take patching torch or the model's code, so
-    its mask is kept. Found from the class's source; a class whose dropout-probability attributes are all 0
-    keeps no mask and is left out.
+    Such a call is no module that ``replace_dropout`` can swap, and reaching it would take patching torch or the
+    model's code, so its mask is kept: ``torch.nn.functional.dropout`` (BART's and Whisper's hidden and activation
+    dropouts, Falcon's and BLOOM's residual dropouts), and ``scaled_dot_product_attention`` with a ``dropout_p``
+    in an attention of the model's own (Falcon's), whose CPU path keeps the mask (CUDA's fused kernels keep RNG
+    state). Found from the class's source; a class whose dropout-probability attributes are all 0 keeps no mask
+    and is left out.
     """
-    found: dict[type, list[str]] = {}
+    found: dict[type, tuple[str, list[str]]] = {}
     skipped: set[type] = set()
     for name, module in model.named_modules():
         cls = type(module)
         if cls in found:
-            found[cls].append(name)
+            found[cls][1].append(name)
             continue
         if cls in skipped or cls.__module__.startswith(("torch.", "lightning_lorafa.")):
             continue
         rates = [v for k, v in vars(module).items() if "dropout" in k and isinstance(v, float)]
-        if _calls_functional_dropout(cls) and (not rates or any(rate > 0 for rate in rates)):
-            found[cls] = [name or "(the model)"]
+        call = _inline_dropout_call(cls)
+        if call is not None and (not rates or any(rate > 0 for rate in rates)):
+            found[cls] = (call, [name or "(the model)"])
         else:
             skipped.add(cls)
     return {
         names[0]: (
-            f"{cls.__name__}.forward calls torch.nn.functional.dropout inline (or through a helper of its module)"
+            f"{cls.__name__}.forward calls {call} inline (or through a helper of its module)"
             + (f" ({len(names)} modules of this class)" if len(names) > 1 else "")
             + "; only dropout modules and the attention can keep a seed without patching torch or the model's code"
         )
-        for cls, names in found.items()
+        for cls, (call, names) in found.items()
     }
 
 
-def _calls_functional_dropout(cls: type) -> bool:
-    """Whether ``cls.forward``, or a function of the class's own module that it calls (Falcon's and BLOOM's
-    ``dropout_add``), calls ``torch.nn.functional.dropout``."""
+def _inline_dropout_call(cls: type) -> str | None:
+    """What ``cls.forward``, or a function of the class's own module that it calls (Falcon's and BLOOM's
+    ``dropout_add``), calls that drops values inline: ``"torch.nn.functional.dropout"``, ``"scaled_dot_product_attention
+    with dropout_p"``, or None."""
     source = _source(cls.forward)
-    if _FUNCTIONAL_DROPOUT.search(source):
-        return True
     namespace = vars(sys.modules.get(cls.__module__, object()))
+    sources = [source]
     for called in set(re.findall(r"(?<![.\w])([A-Za-z_]\w*)\s*\(", source)):
         helper = namespace.get(called)
         if inspect.isfunction(helper) and helper.__module__ == cls.__module__:
-            if _FUNCTIONAL_DROPOUT.search(_source(helper)):
-                return True
-    return False
+            sources.append(_source(helper))
+    if any(_FUNCTIONAL_DROPOUT.search(text) for text in sources):
+        return "torch.nn.functional.dropout"
+    if any(_SDPA_DROPOUT.search(text) for text in sources):
+        return "scaled_dot_product_attention with dropout_p"
+    return None
 
 
 def _source(function: Any) -> str:

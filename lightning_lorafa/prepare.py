@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_lorafa import _compat
 from lightning_lorafa.attention import set_attention_implementation, use_seeded_dropout_attention
 from lightning_lorafa.convert import (
     apply_lorafa,
@@ -54,6 +55,7 @@ class Preparation:
     attention_asked: str | None = None  # what the settings asked for
     dropouts: list[str] = field(default_factory=list)  # dropouts that keep a seed now
     kept_masks: dict[str, str] = field(default_factory=dict)  # dropouts that still keep a mask: name -> why
+    own_attention: dict[str, str] = field(default_factory=dict)  # models left on attention of their own: name -> why
     recomputed: list[str] = field(default_factory=list)  # regions recomputed in backward
     adopted: bool = False  # the model was converted already (with the same settings)
 
@@ -85,6 +87,11 @@ class Preparation:
             lines.append(f"LoRA-FA: attention implementation {self.attention} (asked for {self.attention_asked!r}).")
         if self.dropouts or self.kept_masks:
             lines.append(f"LoRA-FA: {len(self.dropouts)} dropouts keep a seed instead of a mask (recompute_dropout).")
+        lines += [
+            f"LoRA-FA: {name} keeps its own attention: {why}; its dropout modules keep a seed, and what keeps a mask "
+            "is named"
+            for name, why in self.own_attention.items()
+        ]
         lines += [f"LoRA-FA: {name} keeps its mask: {why}" for name, why in self.kept_masks.items()]
         if self.recomputed:
             lines.append(f"LoRA-FA: {len(self.recomputed)} regions recomputed in backward.")
@@ -125,7 +132,7 @@ def prepare_model(
         done.attention = set_attention_implementation(model, settings.attn_implementation, device)
         done.attention_asked = settings.attn_implementation
     if settings.recompute_dropout:
-        done.dropouts, done.kept_masks = keep_dropout_seeds(model)
+        done.dropouts, done.kept_masks, done.own_attention = keep_dropout_seeds(model)
     if settings.recompute != "none":
         done.recomputed = apply_recompute(model, settings.recompute)
     return done
@@ -173,18 +180,30 @@ def check_same_settings(model: nn.Module, settings: AdapterSettings) -> None:
         )
 
 
-def keep_dropout_seeds(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+def keep_dropout_seeds(model: nn.Module) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """Make every dropout of ``model`` that the library can reach keep a seed instead of a mask.
 
     ``nn.Dropout`` modules become ``RecomputedDropout`` (``replace_dropout``); transformers models on eager or
-    SDPA attention switch to the attention that keeps a seed (``use_seeded_dropout_attention``). Returns the
-    dotted names changed, and the dropouts that still keep a mask by name, with the reason: attention that cannot
-    switch, and inline ``torch.nn.functional.dropout`` calls in the model's code (``inline_functional_dropouts``).
+    SDPA attention switch to the attention that keeps a seed (``use_seeded_dropout_attention``).
+
+    Returns ``(changed, kept_masks, own_attention)``: the dotted names changed; the dropouts that still keep a mask
+    by name, with the reason: the attention of a model on transformers' attention interface that cannot switch
+    (its attention function drops probabilities inline), and the inline ``torch.nn.functional.dropout`` and
+    dropping ``scaled_dot_product_attention`` calls in the model's code (``inline_functional_dropouts``); and the
+    models whose attention is their own code (DeBERTa-v2, BLOOM, Falcon), left as it is, by name with the reason
+    (their attention dropout modules keep a seed like any other; their inline calls are in ``kept_masks``).
     """
     changed = replace_dropout(model)
     switched, kept = use_seeded_dropout_attention(model)
-    kept_masks = {f"{name} attention": reason for name, reason in kept.items()}
-    return changed + switched, kept_masks | inline_functional_dropouts(model)
+    modules = dict(model.named_modules())
+    kept_masks, own_attention = {}, {}
+    for name, reason in kept.items():
+        pretrained = modules.get(name, model)  # a model kept by its class name is ``model`` itself
+        if _compat.model_eager_attention(type(pretrained)) is None:
+            own_attention[name] = reason
+        else:
+            kept_masks[f"{name} attention"] = reason
+    return changed + switched, kept_masks | inline_functional_dropouts(model), own_attention
 
 
 def attach_gradient_correction(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:

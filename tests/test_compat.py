@@ -104,7 +104,7 @@ import sys; sys.path.insert(0, "tests")
 from conftest import tiny_roberta
 from lightning_lorafa.prepare import keep_dropout_seeds
 model = tiny_roberta(dropout=0.1)
-changed, kept = keep_dropout_seeds(model)
+changed, kept, _ = keep_dropout_seeds(model)
 assert model.config._attn_implementation == "sdpa" and changed
 assert "SDPA attention function is missing" in next(iter(kept.values())), kept
 """,

@@ -162,7 +162,7 @@ def test_model_loss_and_grads_identical_to_stored_mask_reference(build, cpu_fuse
     reference = copy.deepcopy(recomputed)
     input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = input_ids if recomputed.config.model_type == "llama" else torch.tensor([0, 1])
-    changed, kept = keep_dropout_seeds(recomputed)
+    changed, _, _ = keep_dropout_seeds(recomputed)
     assert changed[-1] == "attn_implementation"
     _stored_mask_copy(reference)
     loss, grads = _loss_and_grads(recomputed, input_ids, labels)
@@ -178,7 +178,7 @@ def test_model_loss_and_grads_identical_to_stored_mask_reference(build, cpu_fuse
 def test_replace_dropout_keeps_p_mode_and_eval_outputs(input_ids):
     model = tiny_roberta(dropout=0.1)
     expected = model(input_ids=input_ids).logits
-    changed, kept = keep_dropout_seeds(model)
+    changed, _, _ = keep_dropout_seeds(model)
     dropouts = [name for name, m in model.named_modules() if isinstance(m, RecomputedDropout)]
     assert changed == dropouts + ["attn_implementation"]
     assert len(dropouts) == 1 + 2 * 3 + 1  # embeddings, 3 per layer, classifier
@@ -186,13 +186,13 @@ def test_replace_dropout_keeps_p_mode_and_eval_outputs(input_ids):
     assert all(m.p == 0.1 and not m.training for m in model.modules() if isinstance(m, RecomputedDropout))
     assert model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
     assert torch.equal(model(input_ids=input_ids).logits, expected)
-    assert keep_dropout_seeds(model) == ([], {})
+    assert keep_dropout_seeds(model) == ([], {}, {})
 
 
 @pytest.mark.parametrize("build", [tiny_t5, tiny_llama], ids=["t5", "llama"])
 def test_replace_dropout_switches_t5_and_llama_attention(build):
     model = build()
-    changed, kept = keep_dropout_seeds(model)
+    changed, _, _ = keep_dropout_seeds(model)
     assert "attn_implementation" in changed
     assert model.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
 

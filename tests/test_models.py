@@ -127,9 +127,41 @@ def test_attention_that_cannot_switch_is_kept_with_one_log_line(name, tmp_path, 
 
     with caplog.at_level(logging.INFO):
         test_callback_fits(name, "32-true", tmp_path)
-    line = f"LoRA-FA: {type(build(name)).__name__} attention keeps its mask: "
+    line = f"LoRA-FA: {type(build(name)).__name__} keeps its own attention: "
     messages = [r.getMessage() for r in caplog.records]
     assert sum(message.startswith(line) for message in messages) == 1, messages
+    assert not any(" attention keeps its mask: " in message for message in messages)  # its dropout modules seed
+
+
+@pytest.mark.parametrize(
+    "name, kept",
+    [
+        ("DeBERTa-v2", {}),
+        ("BLOOM", {"transformer.h.0.self_attention": "BloomAttention", "transformer.h.0.mlp": "BloomMLP"}),
+        ("Falcon", {"transformer.h.0": "FalconDecoderLayer", "transformer.h.0.self_attention": "FalconAttention"}),
+    ],
+)
+def test_own_attention_keeps_masks_only_where_its_code_drops_inline(name, kept):
+    """DeBERTa-v2's and BLOOM's own attention drops probabilities through dropout modules, which keep a seed, so no
+    tensor of attention shape (B, H, S, S) is kept by a dropout; Falcon's calls scaled_dot_product_attention with
+    dropout_p (its CPU path keeps the mask), and that is named."""
+    from lightning_lorafa import prepare_model
+    from lightning_lorafa.dropout import RecomputedDropout
+    from lightning_lorafa.memory import measure_saved_activations
+
+    model = build(name, 0.1).train()
+    done = prepare_model(model, r=4, alpha=8, dropout=0.1, modules_to_save=[])
+    assert list(done.own_attention) == [type(model).__name__]
+    assert {key: why.split(".forward", 1)[0] for key, why in done.kept_masks.items()} == kept
+    dropouts = [m for n, m in model.named_modules() if n.endswith(("attention_dropout", "attention.self.dropout"))]
+    assert dropouts and all(isinstance(m, RecomputedDropout) for m in dropouts)
+    batch = ARCHS[name].batch()
+    report = measure_saved_activations(lambda: logits_of(name, model(**batch)).sum(), module=model)
+    assert not [t for t in report.tensors if "dropout" in t.op and t.shape[-2:] == (12, 12)]  # sequence 12
+    if name == "Falcon":  # its mask is inside what scaled_dot_product_attention keeps, and is named
+        why = done.kept_masks["transformer.h.0.self_attention"]
+        assert why.startswith("FalconAttention.forward calls scaled_dot_product_attention with dropout_p inline")
+        assert any(t.op == "scaled_dot_product_attention" and t.shape == (2, 4, 12, 12) for t in report.tensors)
 
 
 def test_distilbert_seq_cls_export_is_refused_with_what_to_pass(tmp_path):
