@@ -349,6 +349,13 @@ def kept_masks(name: str) -> str:
     return "; ".join(parts)
 
 
+def versions() -> str:
+    """The versions the figures depend on: a model's code changes with transformers (Falcon's attention in 5.25)."""
+    import peft
+
+    return f"torch {torch.__version__}, transformers {tf.__version__}, peft {peft.__version__}"
+
+
 def main(output_dir: str = "benchmarks/results") -> str:
     text = table()
     print(text)
@@ -357,7 +364,7 @@ def main(output_dir: str = "benchmarks/results") -> str:
     path.write_text(
         "Saved-for-backward bytes of one training forward, LoRA-FA (ours, prepared as the LoraFA callback does) / "
         f"PEFT LoRA, both r=4 all-linear, every dropout {DROPOUT}; tiny random models, batch {BATCH}, sequence "
-        f"{SEQ} (python benchmarks/models_table.py).\n\n" + text + "\n"
+        f"{SEQ} (python benchmarks/models_table.py; {versions()}).\n\n" + text + "\n"
     )
     return text
 

@@ -16,8 +16,8 @@ CUDA) each runs what the model would:
 
 Models without SDPA support that do not softcap keep their own attention: their eager attention may not be
 ``softmax(q k^T * scaling + mask)`` (attention sinks), and neither may attention outside transformers' attention
-interface (DeBERTa-v2, BLOOM, Falcon). The functions are registered with transformers' ``AttentionInterface`` when
-first asked for, not at import.
+interface (DeBERTa-v2, BLOOM; Falcon before transformers 5.25). The functions are registered with transformers'
+``AttentionInterface`` when first asked for, not at import.
 """
 
 from __future__ import annotations

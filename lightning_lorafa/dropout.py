@@ -182,7 +182,8 @@ def replace_dropout(model: nn.Module) -> list[str]:
 
 #: A call of torch's functional dropout as model code writes it (``nn.functional.dropout(``, ``F.dropout(``).
 _FUNCTIONAL_DROPOUT = re.compile(r"\b(?:nn\.functional|functional|F)\.dropout\s*\(")
-#: A ``scaled_dot_product_attention(...)`` call whose ``dropout_p`` is not a literal 0 (Falcon's own attention).
+#: A ``scaled_dot_product_attention(...)`` call whose ``dropout_p`` is not a literal 0 (Falcon's own attention before
+#: transformers 5.25).
 _SDPA_DROPOUT = re.compile(
     r"scaled_dot_product_attention\s*\((?:[^()]|\([^()]*\))*?\bdropout_p\s*=\s*(?!0(?:\.0*)?\s*[,)])"
 )
@@ -195,9 +196,9 @@ def inline_functional_dropouts(model: nn.Module) -> dict[str, str]:
     Such a call is no module that ``replace_dropout`` can swap, and reaching it would take patching torch or the
     model's code, so its mask is kept: ``torch.nn.functional.dropout`` (BART's and Whisper's hidden and activation
     dropouts, Falcon's and BLOOM's residual dropouts), and ``scaled_dot_product_attention`` with a ``dropout_p``
-    in an attention of the model's own (Falcon's), whose CPU path keeps the mask (CUDA's fused kernels keep RNG
-    state). Found from the class's source; a class whose dropout-probability attributes are all 0 keeps no mask
-    and is left out.
+    in an attention of the model's own (Falcon's before transformers 5.25), whose CPU path keeps the mask (CUDA's
+    fused kernels keep RNG state). Found from the class's source; a class whose dropout-probability attributes are
+    all 0 keeps no mask and is left out.
     """
     found: dict[type, tuple[str, list[str]]] = {}
     skipped: set[type] = set()

@@ -190,8 +190,9 @@ def keep_dropout_seeds(model: nn.Module) -> tuple[list[str], dict[str, str], dic
     by name, with the reason: the attention of a model on transformers' attention interface that cannot switch
     (its attention function drops probabilities inline), and the inline ``torch.nn.functional.dropout`` and
     dropping ``scaled_dot_product_attention`` calls in the model's code (``inline_functional_dropouts``); and the
-    models whose attention is their own code (DeBERTa-v2, BLOOM, Falcon), left as it is, by name with the reason
-    (their attention dropout modules keep a seed like any other; their inline calls are in ``kept_masks``).
+    models whose attention is their own code (DeBERTa-v2, BLOOM; Falcon before transformers 5.25), left as it is,
+    by name with the reason (their attention dropout modules keep a seed like any other; their inline calls are in
+    ``kept_masks``).
     """
     changed = replace_dropout(model)
     switched, kept = use_seeded_dropout_attention(model)

@@ -125,3 +125,12 @@ def task_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
     from tiny_checkpoints import save_checkpoints
 
     return save_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+def falcon_calls_the_attention_interface() -> bool:
+    """transformers 5.25 moved Falcon's attention onto its attention interface; before, it was Falcon's own code."""
+    import inspect
+
+    from transformers.models.falcon import modeling_falcon
+
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(modeling_falcon)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import VOCAB, TwoLayerNet, tiny_llama, tiny_roberta, tiny_t5
+from conftest import VOCAB, TwoLayerNet, falcon_calls_the_attention_interface, tiny_llama, tiny_roberta, tiny_t5
 from torch import nn
 
 from lightning_lorafa.attention import (
@@ -281,3 +281,47 @@ def test_gemma2_training_forward_keeps_no_attention_sized_tensor():
     layer = 4 * 3 * BATCH * HEADS * SEQ * HEAD_DIM + 8
     assert after.by_op["_RecomputedDropoutAttention"] == 2 * layer + 2 * 4 * BATCH * SEQ * SEQ
     assert after.total_bytes < before.total_bytes
+
+
+def tiny_falcon(alibi: bool, attn_implementation: str | None = None) -> nn.Module:
+    """A 2-layer Falcon with attention dropout 0.1 (hidden dropout 0: its inline dropout_add keeps a mask)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS, hidden_dropout=0.0,
+        attention_dropout=0.1, alibi=alibi, max_position_embeddings=64, initializer_range=0.2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, attn_implementation=attn_implementation,
+    )  # fmt: skip
+    return FalconForCausalLM(config).train()
+
+
+@pytest.mark.skipif(not falcon_calls_the_attention_interface(), reason="Falcon has its own attention before 5.25")
+@pytest.mark.parametrize("alibi", [False, True], ids=["rotary", "alibi"])
+def test_falcon_on_the_attention_interface_keeps_a_seed_and_equals_its_eager_attention(alibi, monkeypatch):
+    """Falcon on transformers' attention interface switches like LLaMA: loss and gradients equal Falcon's eager
+    attention whose dropout stores the same masks (ALiBi travels in the additive mask), and no tensor of attention
+    shape (B, H, S, S) is kept."""
+    ours, reference = tiny_falcon(alibi), tiny_falcon(alibi, "eager")
+    changed, kept, own = keep_dropout_seeds(ours)
+    assert "attn_implementation" in changed and own == {} and not [key for key in kept if "attention" in key]
+    assert ours.config._attn_implementation == RECOMPUTED_DROPOUT_SDPA
+    loss, grads = _loss_and_grads(ours)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "dropout", stored_mask_dropout)
+        ref_loss, ref_grads = _loss_and_grads(reference)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert len(grads) == len(ref_grads) == len(list(ours.parameters()))
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    ids = _gemma2_ids()
+    assert not torch.equal(ours(input_ids=ids, labels=ids).loss, loss)  # dropout is live
+    report = measure_saved_activations(lambda: ours(input_ids=ids, labels=ids).loss, ours)
+    assert "dropout" not in report.by_op
+    # per layer q, k, v (B, H, S, D) and a seed; one mask for both layers: ALiBi's float (B, H, S, S) bias, or the
+    # boolean causal (S, S) mask; Falcon's eager attention keeps (B, H, S, S) probabilities and a mask per layer
+    mask = 4 * BATCH * HEADS * SEQ * SEQ if alibi else SEQ * SEQ
+    assert report.by_op["_RecomputedDropoutAttention"] == 2 * (4 * 3 * BATCH * HEADS * SEQ * HEAD_DIM + 8) + mask
+    attention_shaped = [t.op for t in report.tensors if t.shape == (BATCH, HEADS, SEQ, SEQ)]
+    assert attention_shaped == (["_RecomputedDropoutAttention"] if alibi else [])
