@@ -138,12 +138,12 @@ def stored_mask_dropout(tensor: torch.Tensor, p: float = 0.5, training: bool = T
     return tensor * dropout_mul(torch.ones_like(tensor), draw_seed(tensor.device), p)
 
 
-def _gemma2_ids() -> torch.Tensor:
+def _token_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 
 
 def _loss_and_grads(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    ids = _gemma2_ids()
+    ids = _token_ids()
     torch.manual_seed(123)
     loss = model(input_ids=ids, labels=ids).loss
     return loss, list(torch.autograd.grad(loss, list(model.parameters())))
@@ -183,7 +183,7 @@ def test_gemma2_loss_and_grads_equal_its_own_eager_attention_with_the_same_masks
     assert len(grads) == len(ref_grads) == len(list(ours.parameters()))
     assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
     torch.manual_seed(0)
-    ids = _gemma2_ids()
+    ids = _token_ids()
     assert not torch.equal(ours(input_ids=ids, labels=ids).loss, loss)  # dropout is live
     for module in ours.modules():
         if hasattr(module, "attn_logit_softcapping"):
@@ -193,7 +193,7 @@ def test_gemma2_loss_and_grads_equal_its_own_eager_attention_with_the_same_masks
 
 def test_gemma2_without_cpu_dropout_runs_its_own_eager_attention():
     """Eval, or attention dropout 0: the switched Gemma2 runs its own eager function, bit for bit."""
-    ids = _gemma2_ids()
+    ids = _token_ids()
     model = tiny_gemma2(dropout=0.1)
     expected = model(input_ids=ids).logits
     use_seeded_dropout_attention(model)
@@ -270,7 +270,7 @@ def test_seeded_eager_attention_saves_q_k_v_mask_and_a_seed_only():
 
 
 def test_gemma2_training_forward_keeps_no_attention_sized_tensor():
-    ids = _gemma2_ids()
+    ids = _token_ids()
     model = tiny_gemma2().train()
     before = measure_saved_activations(lambda: model(input_ids=ids, labels=ids).loss, model)
     use_seeded_dropout_attention(model)
@@ -315,7 +315,7 @@ def test_falcon_on_the_attention_interface_keeps_a_seed_and_equals_its_eager_att
     for grad, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
-    ids = _gemma2_ids()
+    ids = _token_ids()
     assert not torch.equal(ours(input_ids=ids, labels=ids).loss, loss)  # dropout is live
     report = measure_saved_activations(lambda: ours(input_ids=ids, labels=ids).loss, ours)
     assert "dropout" not in report.by_op
