@@ -6,9 +6,14 @@ checkpoints only the adapter. Without Lightning: ``prepare_model(model, r=8)``, 
 trainable parameters, ``attach_gradient_correction(optimizer, model)``.
 """
 
+import logging as _logging
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only as _rank_zero_only
+
 from lightning_lorafa.callback import LoraFA
 from lightning_lorafa.checkpoint import (
     AtomicCheckpointIO,
+    TrainingState,
     adapter_state_dict,
     load_adapter,
     load_from_checkpoint,
@@ -50,6 +55,7 @@ __all__ = [
     "LoraFARouter",
     "LoraFASettings",
     "Preparation",
+    "TrainingState",
     "adapter_state_dict",
     "apply_lorafa",
     "apply_recompute",
@@ -76,3 +82,18 @@ __all__ = [
     "save_adapter",
     "transformer_block_classes",
 ]
+
+
+def _show_log_lines() -> None:
+    """Show the library's log lines (what it converted, trains fully, leaves out, keeps) as Lightning shows its own:
+    INFO and above, on stderr when the application has configured no logging, else through the root logger's
+    handlers; on rank 0 only, so a multi-process run prints each line once."""
+    logger = _logging.getLogger(__name__)
+    logger.setLevel(_logging.INFO)
+    logger.addFilter(lambda record: getattr(_rank_zero_only, "rank", 0) == 0)
+    if not _logging.getLogger().hasHandlers():
+        logger.addHandler(_logging.StreamHandler())
+        logger.propagate = False
+
+
+_show_log_lines()

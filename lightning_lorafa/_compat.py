@@ -21,6 +21,11 @@ Features, the private API each needs, and what happens without it:
   keep their own attention, and its dropout mask.
 - the experts' gate (``_apply_gate``, which transformers' experts interface adds to an experts class): without it,
   ``act(gate) * up`` of the two halves of the gate/up output, the interface's documented default.
+- ``save_pretrained_merged`` (``PreTrainedModel.save_pretrained`` asking the model for its ``state_dict()`` itself,
+  found on the call stack): ``save_pretrained`` of a converted model writes the adapters' own layout, which
+  ``from_pretrained`` does not load (a warning says so at conversion; ``lorafa export`` still works).
+- ``compiled_modules`` (``torch.compile``'s wrapper class ``OptimizedModule`` and its ``_orig_mod``): functions given a
+  compiled model see the wrapper's ``_orig_mod.`` names (export and checkpoints of compiled models break).
 """
 
 from __future__ import annotations
@@ -111,9 +116,6 @@ def supports_attention(model: Any, implementation: str) -> bool:
 
 # ---------------------------------------------------------------- Lightning: distributed checkpoint loading
 try:
-    from lightning.fabric.strategies.model_parallel import (
-        _distributed_checkpoint_load as distributed_checkpoint_load,
-    )
     from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint as is_sharded_checkpoint
     from lightning.fabric.strategies.model_parallel import (
         _rekey_optimizer_state_if_needed as rekey_optimizer_state_if_needed,
@@ -124,7 +126,7 @@ try:
 except ImportError as error:
     _disable("sharded_checkpoints", error)
     HAS_SHARDED_CHECKPOINTS = False
-    distributed_checkpoint_load = is_sharded_checkpoint = rekey_optimizer_state_if_needed = None
+    is_sharded_checkpoint = rekey_optimizer_state_if_needed = None
     CHECKPOINT_METADATA_FILENAME = "meta.pt"
 
 
@@ -189,6 +191,53 @@ def model_eager_attention(module_class: type) -> Callable | None:
     import sys
 
     return getattr(sys.modules.get(module_class.__module__), "eager_attention_forward", None)
+
+
+# ---------------------------------------------------------------- transformers: save_pretrained's own state_dict call
+try:
+    import inspect as _inspect
+
+    from transformers import PreTrainedModel as _PreTrainedModel
+
+    _SAVE_PRETRAINED_CODE = _inspect.unwrap(_PreTrainedModel.save_pretrained).__code__
+    HAS_SAVE_PRETRAINED_CHECK = True
+except (ImportError, AttributeError) as error:
+    _disable("save_pretrained_merged", error)
+    _SAVE_PRETRAINED_CODE = None
+    HAS_SAVE_PRETRAINED_CHECK = False
+
+
+def called_from_save_pretrained(depth: int = 32) -> bool:
+    """Whether transformers' ``PreTrainedModel.save_pretrained`` is among the ``depth`` innermost callers (it asks
+    the model for ``state_dict()`` itself, directly or through its quantizer)."""
+    if _SAVE_PRETRAINED_CODE is None:
+        return False
+    frame = _inspect.currentframe()
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is _SAVE_PRETRAINED_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+# ---------------------------------------------------------------- torch: the module torch.compile returns
+try:
+    from torch._dynamo.eval_frame import OptimizedModule as _OptimizedModule
+
+    HAS_COMPILED_MODULES = True
+except ImportError as error:
+    _disable("compiled_modules", error)
+    _OptimizedModule = None
+    HAS_COMPILED_MODULES = False
+
+
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile(module)`` wrapped (``_orig_mod``, through nested wrappers), or ``module``."""
+    while _OptimizedModule is not None and isinstance(module, _OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def ddp_ignored_names(module: torch.nn.Module) -> list[str]:

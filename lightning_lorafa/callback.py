@@ -8,14 +8,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lorafa import _compat
-from lightning_lorafa.checkpoint import fill_frozen_tensors, keep_adapter_only
+from lightning_lorafa.checkpoint import fill_frozen_tensors, keep_adapter_only, rng_state, set_rng_state
 from lightning_lorafa.convert import get_lorafa_config
 from lightning_lorafa.distributed import (
     check_not_sharded,
@@ -24,7 +24,12 @@ from lightning_lorafa.distributed import (
     prepare_for_strategy,
 )
 from lightning_lorafa.memory import SavedActivationRecorder
-from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
+from lightning_lorafa.optim import (
+    LoraFAOptimizer,
+    keep_trainable_only,
+    lora_layers_by_parameter,
+    warn_adapters_without_gradient,
+)
 from lightning_lorafa.prepare import attach_gradient_correction, prepare_model
 from lightning_lorafa.recompute import check_recompute_strategy
 from lightning_lorafa.settings import LoraFASettings, _check_bool, _help
@@ -84,6 +89,7 @@ class LoraFA(LoraFASettings, pl.Callback):
         self._legacy_optimizer_state = False
         self._recorder: SavedActivationRecorder | None = None
         self._timing: dict[str, float] = {}
+        self._unused_checked = True
 
     def _check(self) -> None:
         super()._check()
@@ -129,8 +135,10 @@ class LoraFA(LoraFASettings, pl.Callback):
         else:
             self.lorafa_model(pl_module)  # names a missing model_attr
             raise ValueError(
-                f"LoraFA: {type(pl_module).__name__} has no parameters to convert at setup and does not build a model "
-                "in configure_model. Build the model in __init__ (or configure_model), or pass model_attr."
+                f"LoraFA: {type(pl_module).__name__} has no model to convert at the callback's setup hook, which "
+                "Lightning runs before LightningModule.setup, so a model built in setup() does not exist yet. Build "
+                "it in __init__, or in configure_model (which Lightning runs after every setup hook) ending with "
+                "lightning_lorafa.convert_before_sharding(self)."
             )
         check_resume_supported(trainer, self.adapter_only_checkpoints)
 
@@ -187,6 +195,7 @@ class LoraFA(LoraFASettings, pl.Callback):
         """Keep the user's optimizers: drop their frozen parameters and correct B's gradient before each step."""
         self._require_converted(pl_module)
         model, _ = self.lorafa_model(pl_module)
+        self._unused_checked = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))  # B's are sharded
         optimizers = trainer.optimizers
         if not optimizers or all(_compat.is_placeholder_optimizer(opt) for opt in optimizers):
             params = [p for p in pl_module.parameters() if p.requires_grad]
@@ -216,47 +225,24 @@ class LoraFA(LoraFASettings, pl.Callback):
                 "new run from its adapter: module = lightning_lorafa.load_from_checkpoint(MyModule, path), then "
                 "trainer.fit(module) without ckpt_path."
             )
+        keep_trainable_only(optimizers, pl_module)
         for optimizer in optimizers:
-            self._keep_trainable_only(optimizer, pl_module)
             if self.gradient_correction and not isinstance(optimizer, LoraFAOptimizer):
                 if id(optimizer) not in self._corrections:
-                    self._corrections[id(optimizer)] = attach_gradient_correction(optimizer, model)
+                    self._corrections[id(optimizer)] = attach_gradient_correction(optimizer, model, check_unused=False)
                     rank_zero_info(
                         f"LoRA-FA: {type(optimizer).__name__} keeps its settings and LR schedule; B's gradient is "
                         "corrected before each of its steps (after gradient clipping)."
                     )
 
-    @staticmethod
-    def _keep_trainable_only(optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule) -> None:
-        """Drop frozen parameters from ``optimizer``'s param groups (they never get a gradient; under FSDP they
-        are sharded base weights) and warn about trainable ones it does not hold.
-
-        Raises:
-            ValueError: the optimizer holds none of the trainable parameters.
-        """
-        names = {id(p): name for name, p in pl_module.named_parameters()}
-        trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
-        held, dropped = set(), 0
-        for group in optimizer.param_groups:
-            kept = [p for p in group["params"] if p.requires_grad]
-            dropped += len(group["params"]) - len(kept)
-            group["params"] = kept
-            held |= {id(p) for p in kept}
-        kind = type(optimizer).__name__
-        if not held & trainable:
-            raise ValueError(
-                f"The {kind} from configure_optimizers holds none of the LoRA-FA trainable parameters (B and "
-                "modules_to_save). Build it over self.parameters() (LoraFA keeps only the trainable ones), or return "
-                "None to let LoraFA supply one."
-            )
-        if dropped:
-            rank_zero_info(f"LoRA-FA: {dropped} frozen parameters left out of {kind}'s param groups.")
-        missing = [names.get(i, "?") for i in trainable - held]
-        if missing:
-            rank_zero_warn(
-                f"LoRA-FA: {len(missing)} trainable tensors are in no optimizer and will not train, e.g. "
-                f"{', '.join(sorted(missing)[:3])}. Build the optimizer over self.parameters()."
-            )
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """At the first optimizer step: warn by name about adapters whose B got no gradient (they took no part in
+        the forward), before DDP fails on them at the next step."""
+        if not self._unused_checked:
+            self._unused_checked = True
+            warn_adapters_without_gradient(self.lorafa_model(pl_module)[0], trainer.optimizers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -311,20 +297,17 @@ class LoraFA(LoraFASettings, pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """The settings, the converted layers, and the RNG states that draw dropout masks (so a resumed run
         continues exactly)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"lora": self.adapter_kwargs(), "adapter_only_checkpoints": self.adapter_only_checkpoints, "rng": rng}
+        state = {
+            "lora": self.adapter_kwargs(),
+            "adapter_only_checkpoints": self.adapter_only_checkpoints,
+            "rng": rng_state(),
+        }
         if self._config is not None:
             state["config"] = dict(self._config)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rng = state_dict.get("rng", {})
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(state_dict.get("rng", {}))
 
     def _load_state_dict_pre_hook(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         """Before ``pl_module.load_state_dict``: check the adapter tensors of the checkpoint (names, shapes,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-import zlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
+from lightning_lorafa import _compat
 from lightning_lorafa.experts import (
     LoraFAExperts,
     expert_features,
@@ -19,7 +19,15 @@ from lightning_lorafa.experts import (
     fused_expert_like_parameters,
     is_fused_experts,
 )
+from lightning_lorafa.init import layer_seed
 from lightning_lorafa.layer import LoraFALinear, is_linear, linear_features
+from lightning_lorafa.merge import adapter_modules, fold_on_save_pretrained, stop_folding_on_save_pretrained
+from lightning_lorafa.multihead import (
+    LoraFAMultiheadAttention,
+    allow_the_fast_path,
+    keep_off_the_fast_path,
+    unsupported_reason,
+)
 from lightning_lorafa.router import LoraFARouter, is_router
 from lightning_lorafa.settings import AdapterSettings, Targets, adapter_settings
 
@@ -43,6 +51,9 @@ class LoraFAConfig:
     init_a: str = "kaiming"  # how A was drawn (lightning_lorafa.init)
     target_modules: list[str] = field(default_factory=list)  # converted module names, in model order
     modules_to_save: list[str] = field(default_factory=list)  # fully trained module names
+    # token embedding weights (input, and untied output) -> rows of the pretrained checkpoint: one that has another
+    # number of rows (resize_token_embeddings) is saved with the adapter (``vocabulary_rows``)
+    vocabulary_rows: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,13 +73,15 @@ def _as_patterns(spec: Targets) -> tuple[str | None, list[str]]:
     return None, list(spec)
 
 
-def name_matches(name: str, spec: Targets) -> bool:
-    """PEFT's matching rule: a string spec is a regex that must match the whole name; a list entry
-    matches the name itself or any name ending in ``"." + entry``."""
-    regex, names = _as_patterns(spec)
+def name_matches(name: str, spec: Targets, names: Collection[str] = ()) -> bool:
+    """PEFT's matching rule: a string spec is a regex that must match the whole name; a list entry matches the name
+    itself or any name ending in ``"." + entry`` -- except that an entry which is the full name of one of the
+    model's modules (``names``) matches that module only (``["decoder"]`` is the top-level ``decoder``, not also
+    ``transformer.decoder``; what ``apply_lorafa`` stores are full names)."""
+    regex, entries = _as_patterns(spec)
     if regex is not None:
         return re.fullmatch(regex, name) is not None
-    return any(name == n or name.endswith("." + n) for n in names)
+    return any(name == n or (n not in names and name.endswith("." + n)) for n in entries)
 
 
 def _is_under(name: str, roots: Iterable[str]) -> bool:
@@ -76,6 +89,7 @@ def _is_under(name: str, roots: Iterable[str]) -> bool:
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
+    """Modules named like output heads, and the output embeddings: what "all-linear" leaves alone."""
     heads = {name for name, _ in model.named_modules() if name_matches(name, list(OUTPUT_HEAD_NAMES))}
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     output = get_output_embeddings() if callable(get_output_embeddings) else None
@@ -85,48 +99,99 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def find_target_modules(
-    model: nn.Module, target_modules: Targets = "all-linear", exclude: Targets = None, r: int | None = None
+    model: nn.Module,
+    target_modules: Targets = "all-linear",
+    exclude: Targets = None,
+    r: int | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> list[str]:
     """Names of the modules ``apply_lorafa`` would convert, in ``named_modules`` order.
 
     ``"all-linear"`` selects every ``nn.Linear``, transformers ``Conv1D`` (GPT-2's linears, weight stored
-    (d_in, d_out)), fused MoE experts module (transformers' experts interface) and router beside one
-    (``is_router``: Mixtral's, Qwen2-MoE's and Qwen3-MoE's ``mlp.gate``), except output heads
-    (``lm_head``, ``classifier``, ``score``, ...) and, when ``r`` is given,
+    (d_in, d_out)), ``nn.MultiheadAttention`` (its packed q, k, v and its out_proj), fused MoE experts module
+    (transformers' experts interface) and router beside one (``is_router``: Mixtral's, Qwen2-MoE's and Qwen3-MoE's
+    ``mlp.gate``), except output heads (``lm_head``, ``classifier``, ``score``, ..., the output embeddings), the
+    modules trained fully (``modules_to_save``; None: the heads ``find_heads`` finds) and, when ``r`` is given,
     gates narrower than ``r`` (e.g. Qwen2-MoE's ``shared_expert_gate``, hidden -> 1), which it logs by name;
     a string is a full-match regex over module names; a list holds names or dotted suffixes (``"q_proj"``).
 
     Raises:
-        ValueError: nothing matches (the message lists the linear layers that exist).
-        TypeError: a matched module is not an ``nn.Linear``, ``Conv1D``, fused experts module or router.
+        ValueError: nothing matches (the message lists the linear layers that exist), or the targets name the
+            ``out_proj`` of an ``nn.MultiheadAttention`` without the module.
+        TypeError: a matched module is none of those LoRA-FA adapts (named, with why).
     """
     linears = [name for name, module in model.named_modules() if is_linear(module)]
+    modules = dict(model.named_modules())
+    attentions = {name for name, module in modules.items() if isinstance(module, nn.MultiheadAttention)}
     if target_modules == "all-linear":
-        heads = _output_head_names(model)
+        trained = find_heads(model) if modules_to_save is None else modules_to_save
+        heads = _output_head_names(model) | set(trained)
         routers = set(moe_routers(model))
-        adaptable = [name for name, module in model.named_modules() if _is_target(module) or name in routers]
+        adaptable = [
+            name for name, module in modules.items() if _is_target(module) or name in routers or name in attentions
+        ]
         selected = [name for name in adaptable if not _is_under(name, heads)]
+        selected = _through_attention_modules(modules, selected, attentions, explicit=False)
         if r is not None:
             selected = _skip_narrow_layers(model, selected, r)
         candidates = dict.fromkeys(selected)
     else:
-        candidates = {
-            name: module for name, module in model.named_modules() if name and name_matches(name, target_modules)
-        }
-    names = [name for name in candidates if not (exclude is not None and name_matches(name, exclude))]
+        matched = [name for name in modules if name and name_matches(name, target_modules, modules)]
+        candidates = dict.fromkeys(_through_attention_modules(modules, matched, attentions, explicit=True))
+    names = [name for name in candidates if not (exclude is not None and name_matches(name, exclude, modules))]
     if not names:
         raise ValueError(_no_match_message(model, linears, target_modules, exclude))
-    modules = dict(model.named_modules())
     wrong = [
-        f"{_path(name)} ({type(modules[name]).__name__})" for name in names if _adapter_class(modules[name]) is None
+        f"{_path(name)} ({type(modules[name]).__name__}"
+        + (f": {unsupported_reason(modules[name])})" if name in attentions else ")")
+        for name in names
+        if _adapter_class(modules[name]) is None
     ]
     if wrong:
         raise TypeError(
-            f"LoRA-FA adapts nn.Linear layers, transformers' Conv1D, fused MoE experts and MoE routers only; "
+            f"LoRA-FA adapts nn.Linear layers, transformers' Conv1D, nn.MultiheadAttention (packed q, k, v), fused MoE "
+            "experts and MoE routers only; "
             f"target_modules={target_modules!r} matched: {', '.join(wrong)}. "
             "Narrow target_modules (a list of suffixes matches whole name components) or add them to exclude."
         )
     return names
+
+
+def _through_attention_modules(
+    modules: dict[str, nn.Module], names: list[str], attentions: set[str], explicit: bool
+) -> list[str]:
+    """``names`` with ``nn.MultiheadAttention`` handled as a whole: its ``out_proj`` is adapted with the module (its
+    forward reads ``out_proj.weight`` directly, so an adapter on ``out_proj`` alone would never run), and a module
+    ``LoraFAMultiheadAttention`` cannot adapt is left out with its ``out_proj``, with a warning naming it.
+
+    Raises:
+        ValueError: ``explicit`` targets name an ``out_proj`` without its attention module.
+    """
+    unsupported = {name: unsupported_reason(modules[name]) for name in attentions}
+    unsupported = {name: why for name, why in unsupported.items() if why is not None}
+    kept = []
+    for name in names:
+        parent = name.rpartition(".")[0]
+        if parent in attentions and name == f"{parent}.out_proj":
+            if explicit and parent not in names:
+                raise ValueError(
+                    f"target_modules selects {_path(name)}, the out_proj of nn.MultiheadAttention {_path(parent)}, "
+                    "whose forward reads out_proj.weight directly, so an adapter there would never run. Target the "
+                    f"attention module itself ({parent.rsplit('.', 1)[-1]!r}): LoRA-FA then adapts its q, k, v and "
+                    "out_proj, as PEFT does."
+                )
+            continue
+        if name in unsupported and not explicit:
+            continue
+        kept.append(name)
+    left_out = [name for name in unsupported if name in names or f"{name}.out_proj" in names]
+    if left_out and not explicit:
+        warnings.warn(
+            "LoRA-FA: all-linear leaves out these nn.MultiheadAttention modules (q, k, v and out_proj stay frozen): "
+            + "; ".join(f"{_path(name)}: {unsupported[name]}" for name in left_out),
+            stacklevel=4,
+        )
+    return kept
 
 
 def _skip_narrow_layers(model: nn.Module, names: list[str], r: int) -> list[str]:
@@ -193,6 +258,8 @@ def _adapter_class(module: nn.Module) -> type[LoraFALinear] | type[LoraFAExperts
     """The class that adapts ``module``, or None when LoRA-FA cannot adapt it."""
     if is_fused_experts(module):
         return LoraFAExperts
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraFAMultiheadAttention if unsupported_reason(module) is None else None
     if is_linear(module):
         return LoraFALinear
     return LoraFARouter if is_router(module) else None
@@ -217,6 +284,8 @@ def _target_features(module: nn.Module) -> list[tuple[int, int]]:
     """``(d_in, d_out)`` of each projection an adapter is added to."""
     if is_fused_experts(module):
         return [expert_features(module, name) for name in expert_projections(module)]
+    if isinstance(module, nn.MultiheadAttention):
+        return [LoraFAMultiheadAttention.base_features(module), linear_features(module.out_proj)]
     if is_linear(module):
         return [linear_features(module)]
     return [LoraFARouter.base_features(module)]
@@ -256,25 +325,20 @@ def _report_moe_parts_left_out(model: nn.Module, names: list[str], save_names: l
         )
 
 
-def layer_seed(seed: int, name: str) -> int:
-    """Seed of the A matrix of the layer called ``name``: distinct per layer, reproducible from ``seed``."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-
-
 def lorafa_layers(model: nn.Module) -> dict[str, LoraFALinear]:
     """The LoRA-FA linear layers of ``model`` by module name, MoE routers (``LoraFARouter``) included (fused experts:
-    ``lorafa_experts``)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraFALinear)}
+    ``lorafa_experts``); of a ``torch.compile``d model, those of the model it compiled (no ``_orig_mod.`` in names)."""
+    return {name: m for name, m in _compat.uncompiled(model).named_modules() if isinstance(m, LoraFALinear)}
 
 
 def lorafa_experts(model: nn.Module) -> dict[str, LoraFAExperts]:
     """The LoRA-FA fused experts modules of ``model`` by module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraFAExperts)}
+    return {name: m for name, m in _compat.uncompiled(model).named_modules() if isinstance(m, LoraFAExperts)}
 
 
 def lorafa_modules(model: nn.Module) -> dict[str, LoraFALinear | LoraFAExperts]:
     """Every module of ``model`` with a LoRA-FA adapter (linear layers and fused experts), by name, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (LoraFALinear, LoraFAExperts))}
+    return adapter_modules(_compat.uncompiled(model))
 
 
 def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, **overrides: Any) -> list[str]:
@@ -291,9 +355,10 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
     like fused experts of an architecture not recognised get a warning naming them.
 
     Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``, which
-    train fully. ``modules_to_save=None`` (the default) trains the model's fresh task head, found from its
-    structure (``find_task_heads``: a sequence/token-classification or QA head that ``all-linear`` leaves out and
-    that is not tied to the input embeddings), and logs it; ``[]`` trains none. A of the layer called ``name`` is
+    train fully. ``modules_to_save=None`` (the default) trains the model's heads, found from its structure
+    (``find_heads``: a transformers task head, the layers of a wrapper outside its pretrained models, the output
+    linear of a plain torch model; never one tied to the input embeddings), and logs each with why; ``[]`` trains
+    none. A of the layer called ``name`` is
     drawn from ``layer_seed(seed, name)`` as ``init_a`` says (``lightning_lorafa.init``). The applied settings are
     stored as ``model.lorafa_config``. A model built on the meta device converts too: ``to_empty`` and each
     layer's ``reset_parameters()`` then give exactly the adapters of a model built on CPU.
@@ -310,6 +375,7 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
     Nothing is changed when an error is raised.
     """
     settings = adapter_settings(settings, overrides, "apply_lorafa")
+    model = _compat.uncompiled(model)  # a torch.compile'd model: the model it compiled, converted in place
     r = settings.r
     existing = lorafa_modules(model)
     if existing:
@@ -321,17 +387,20 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
             "adapters into plain linears."
         )
     if settings.modules_to_save is None:
-        save_names = find_task_heads(model)
-        if save_names:
+        heads = find_heads(model)
+        save_names = list(heads)
+        for name, why in heads.items():
             log.info(
-                "LoRA-FA: training the task head %s fully (found from the model's structure; modules_to_save=[] "
-                "freezes it).",
-                ", ".join(save_names),
+                "LoRA-FA: training %s fully and saving it with the adapter: %s (modules_to_save=[...] chooses "
+                "otherwise).",
+                name,
+                why,
             )
     else:
         save_names = _resolve_modules_to_save(model, settings.modules_to_save)
     target_modules = settings.target_modules
-    names = [n for n in find_target_modules(model, target_modules, settings.exclude, r) if not _is_under(n, save_names)]
+    found = find_target_modules(model, target_modules, settings.exclude, r, save_names)
+    names = [name for name in found if not _is_under(name, save_names)]
     if not names:
         raise ValueError(
             f"Every module matched by target_modules={target_modules!r} lies inside modules_to_save={save_names}."
@@ -350,6 +419,7 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
         )
 
     _report_moe_parts_left_out(model, names, save_names)
+    rows = vocabulary_rows(model, names)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
@@ -366,6 +436,9 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
 
     for param_name, param in model.named_parameters():
         param.requires_grad_(param_name.endswith("lora_B") or _is_under(param_name, save_names))
+    _warn_of_frozen_parameters_of_wrappers(model)
+    keep_off_the_fast_path(model)
+    fold_on_save_pretrained(model)
     model.lorafa_config = LoraFAConfig(
         r=r,
         alpha=settings.alpha,
@@ -375,40 +448,130 @@ def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, *
         init_a=settings.init_a,
         target_modules=names,
         modules_to_save=save_names,
+        vocabulary_rows=rows,
     )
     return names
 
 
 def find_task_heads(model: nn.Module) -> list[str]:
-    """Names of the fresh task heads of ``model``: what ``modules_to_save=None`` trains fully.
+    """Names of the modules ``modules_to_save=None`` trains fully: the model's heads (``find_heads``)."""
+    return list(find_heads(model))
 
-    In a transformers task model (e.g. ``*ForSequenceClassification``, ``*ForTokenClassification``,
-    ``*ForQuestionAnswering``), every child module with parameters beside the base model (``base_model_prefix``)
-    that neither is nor holds the output embeddings (a language-model head, pretrained and usually tied to the
-    input embeddings) nor shares a weight with the input embeddings. Elsewhere (a plain torch model, a model
-    whose base is itself), modules called ``classifier``, ``score``, ``qa_outputs`` or ``classification_head``,
-    under the same two conditions. An empty list when there is none (a causal or masked LM, a seq2seq LM).
+
+def find_heads(model: nn.Module) -> dict[str, str]:
+    """The modules of ``model`` that are new or produce its output, by name, each with why it is one.
+
+    What ``modules_to_save=None`` trains fully (and saves with the adapter), and what ``"all-linear"`` never adapts:
+
+    - in a transformers task model (``*ForSequenceClassification``, ``*ForTokenClassification``,
+      ``*ForQuestionAnswering``), every child with parameters beside the base model (``base_model_prefix``): its
+      fresh task head;
+    - in a module that holds pretrained transformers models (a user's wrapper ``self.backbone = AutoModel...;
+      self.linear = nn.Linear(hidden, num_labels)``), every module with parameters outside them: the user's own
+      layers, built fresh (``linear``, ``fc``, ``decoder``, ``head``, ...);
+    - in a model with no transformers model inside (``torch.nn`` modules only), its output layer: the linear
+      reached by following the last child with parameters from the top (a Lightning demo Transformer's
+      ``decoder``, an ``nn.Sequential``'s last linear), and modules called ``classifier``, ``score``,
+      ``qa_outputs`` or ``classification_head``.
+
+    A module that is or holds the output embeddings (a language-model head, pretrained) or shares a weight with the
+    input embeddings (tied) is never one. An empty dict when there is none (a causal or masked LM, a seq2seq LM).
     """
     tied = _embedding_storages(model)
     output = _output_embeddings(model)
-    heads: list[str] = []
-    for prefix, pretrained in _outermost_pretrained_models(model):
+
+    def pretrained_or_tied(module: nn.Module) -> bool:
+        return _holds(module, output) or _shares_storage(module, tied)
+
+    heads: dict[str, str] = {}
+    pretrained_models = _outermost_pretrained_models(model)
+    for prefix, pretrained in pretrained_models:
         base = getattr(pretrained, "base_model", pretrained)
         if base is pretrained:
             continue
         for child_name, child in pretrained.named_children():
-            if child is base or not any(True for _ in child.parameters()):
+            if child is base or not any(True for _ in child.parameters()) or pretrained_or_tied(child):
                 continue
-            if _holds(child, output) or _shares_storage(child, tied):
-                continue
-            heads.append(f"{prefix}{child_name}")
-    if heads:
+            heads[f"{prefix}{child_name}"] = f"the task head of {type(pretrained).__name__}"
+    if pretrained_models:
+        roots = {prefix.rstrip("."): type(pretrained).__name__ for prefix, pretrained in pretrained_models}
+        if "" not in roots:
+            pretrained_names = ", ".join(f"{root} ({kind})" for root, kind in roots.items())
+            modules = dict(model.named_modules())
+            for name in _modules_outside(model, list(roots)):
+                if not pretrained_or_tied(modules[name]):
+                    heads[name] = f"a new layer of {type(model).__name__}, beside its pretrained {pretrained_names}"
         return heads
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    output_layer = _output_layer(model)
+    if output_layer is not None and not pretrained_or_tied(modules[output_layer]):
+        heads[output_layer] = f"the output layer of {type(model).__name__}"
+    for name, module in modules.items():
         if name and name.rsplit(".", 1)[-1] in TASK_HEAD_NAMES and not _is_under(name, heads):
-            if not (_holds(module, output) or _shares_storage(module, tied)):
-                heads.append(name)
+            if not pretrained_or_tied(module):
+                heads[name] = f"named like a task head ({name.rsplit('.', 1)[-1]})"
     return heads
+
+
+def _warn_of_frozen_parameters_of_wrappers(model: nn.Module) -> None:
+    """Warn by name about parameters held directly by the modules around the pretrained models of ``model`` (a
+    wrapper's own ``nn.Parameter``, a logit scale, say): they are new, not in any module ``modules_to_save`` can
+    name, and stay frozen."""
+    roots = [prefix.rstrip(".") for prefix, _ in _outermost_pretrained_models(model)]
+    if not roots or "" in roots:
+        return
+    around = {""} | {root.rsplit(".", depth)[0] for root in roots for depth in range(1, root.count(".") + 1)}
+    modules = dict(model.named_modules())
+    loose = [
+        f"{owner}.{name}" if owner else name
+        for owner in sorted(around)
+        for name, _ in modules[owner].named_parameters(recurse=False)
+    ]
+    if loose:
+        warnings.warn(
+            f"LoRA-FA: {', '.join(loose[:8])} are parameters of {type(model).__name__} itself, outside its pretrained "
+            "model and outside any module modules_to_save could name, so they stay frozen. Keep them in a module of "
+            "their own (an nn.Module attribute) to have them trained as a head.",
+            stacklevel=3,
+        )
+
+
+def _modules_outside(model: nn.Module, roots: list[str]) -> list[str]:
+    """The outermost modules with parameters of ``model`` that neither are nor hold one of the modules ``roots``."""
+    found = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if name in roots:
+                continue
+            if any(_is_under(root, [name]) for root in roots):
+                visit(child, name + ".")
+            elif any(True for _ in child.parameters()):
+                found.append(name)
+
+    visit(model, "")
+    return found
+
+
+def _output_layer(model: nn.Module) -> str | None:
+    """The linear that produces ``model``'s output, by structure: from the top, follow the last child (in the
+    order the model registered them) that has parameters, down to a module without children; its name when it is a
+    linear (``nn.Linear``, ``Conv1D``), else None. None as well when a module on the way holds parameters of its own
+    beside its children (its forward may use them last)."""
+    name, module = "", model
+    while True:
+        if any(True for _ in module.parameters(recurse=False)) and any(True for _ in module.children()):
+            return None
+        children = [
+            (child_name, child)
+            for child_name, child in module.named_children()
+            if any(True for _ in child.parameters())
+        ]
+        if not children:
+            return name if name and is_linear(module) else None
+        child_name, module = children[-1]
+        name = f"{name}.{child_name}" if name else child_name
 
 
 def _outermost_pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -464,13 +627,53 @@ def _shares_storage(module: nn.Module, storages: set[int]) -> bool:
     return False
 
 
+def vocabulary_rows(model: nn.Module, adapted: Iterable[str] = ()) -> dict[str, int]:
+    """The token embedding weights of the transformers models in ``model`` (input embeddings, and output embeddings
+    that are not among the ``adapted`` modules), each with the rows of the pretrained checkpoint: the ``vocab_size``
+    of the config the model was loaded from (read from the local files only), or, when that cannot be read (a model
+    built from a config), the rows it has now. A weight that later has another number of rows was resized
+    (``resize_token_embeddings``, before or after conversion)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    rows: dict[str, int] = {}
+    for _, pretrained in _outermost_pretrained_models(model):
+        pretrained_rows = _checkpoint_vocab_size(pretrained)
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                module = getattr(pretrained, getter)()
+            except (AttributeError, NotImplementedError):
+                module = None
+            weight = getattr(module, "weight", None)
+            name = names.get(id(module))
+            if name is None or name in adapted or not isinstance(weight, nn.Parameter) or weight.ndim != 2:
+                continue
+            rows[f"{name}.weight"] = pretrained_rows or weight.shape[0]
+    return rows
+
+
+def _checkpoint_vocab_size(pretrained: nn.Module) -> int | None:
+    """``vocab_size`` of the config ``pretrained`` was loaded from (``config.name_or_path``), from local files only;
+    None when it was not loaded from a checkpoint or its config cannot be read."""
+    source = getattr(getattr(pretrained, "config", None), "name_or_path", "")
+    if not source:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 def get_lorafa_config(model: nn.Module) -> LoraFAConfig:
     """The ``LoraFAConfig`` that ``apply_lorafa`` stored on ``model``.
 
     Raises:
         ValueError: the model was not converted.
     """
-    config = getattr(model, "lorafa_config", None)
+    config = getattr(_compat.uncompiled(model), "lorafa_config", None)
     if not isinstance(config, LoraFAConfig):
         raise ValueError(f"{type(model).__name__} has no LoRA-FA layers: call apply_lorafa(model, ...) first.")
     return config
@@ -482,8 +685,9 @@ def _resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | 
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
     resolved, missing = [], []
+    names = {name: None for name, _ in model.named_modules() if name}
     for entry in modules_to_save:
-        found = [name for name, _ in model.named_modules() if name and name_matches(name, [entry])]
+        found = [name for name in names if name_matches(name, [entry], names)]
         # Keep the outermost match only: "classifier" should not also list "classifier.dense".
         found = [name for name in found if not _is_under(name.rpartition(".")[0], found)]
         if found:
@@ -510,11 +714,14 @@ def merge_lorafa(model: nn.Module) -> nn.Module:
 
     Returns ``model`` (changed in place), ready for inference or export as a plain model.
     """
+    compiled, model = model, _compat.uncompiled(model)
     modules = dict(model.named_modules())
     for name, layer in lorafa_modules(model).items():
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer.base)
+    allow_the_fast_path(model)
+    stop_folding_on_save_pretrained(model)
     if hasattr(model, "lorafa_config"):
         del model.lorafa_config
-    return model
+    return compiled

@@ -19,10 +19,11 @@ A is frozen, so ``(A A^T + ridge I)^{-1}`` is computed once per layer in float32
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -87,18 +88,44 @@ def correct_gradient(layer: _HasFrozenA, grad: torch.Tensor | None = None) -> No
     local.copy_((local.float() @ matrix).to(local.dtype))
 
 
+def warn_no_gradient(unused: Sequence[str], total: int) -> None:
+    """Warn that the adapters ``unused`` (module names, of ``total``) got no gradient in the first training step."""
+    if unused:
+        rank_zero_warn(
+            f"LoRA-FA: {len(unused)} of {total} adapters got no gradient in the first training step: they do not "
+            f"reach the loss and will not train: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}. "
+            "Their module was not called, its forward does not go through the adapter, or its output is not used. "
+            "Leave them out (exclude=[...]); under DDP, parameters without a gradient make the next step fail."
+        )
+
+
 class GradientCorrection:
     """Corrects the gradients of the ``lora_B`` parameters of a set of LoRA-FA layers, in place.
 
     Args:
         layers: maps each ``lora_B`` parameter to its layer (``lora_layers_by_parameter(model)``).
+        names: maps each ``lora_B`` to its module's name; given, the first ``check_gradients`` warns by name about
+            B's without a gradient.
 
     Layers with ``correct_in_backward`` set carry corrected gradients already and are left alone.
     """
 
-    def __init__(self, layers: Mapping[nn.Parameter, _HasFrozenA]) -> None:
+    def __init__(self, layers: Mapping[nn.Parameter, _HasFrozenA], names: Mapping[nn.Parameter, str] | None = None):
         self.layers: dict[nn.Parameter, _HasFrozenA] = dict(layers)
         self._stacked: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}
+        self.names = dict(names or {})
+        self._checked = names is None
+
+    def check_gradients(self, params: Iterable[torch.Tensor]) -> list[str]:
+        """Once, after the first backward pass: warn by name about the B's among ``params`` that got no gradient
+        (their adapters took no part in the forward); return their module names."""
+        if self._checked:
+            return []
+        self._checked = True
+        held = [p for p in params if p in self.layers and not self.layers[p].correct_in_backward]
+        unused = list(dict.fromkeys(self.names.get(p, "?") for p in held if p.grad is None))
+        warn_no_gradient(unused, len(set(self.names.values())) or len(self.layers))
+        return unused
 
     @torch.no_grad()
     def correct(self, params: Iterable[torch.Tensor]) -> int:
@@ -150,11 +177,13 @@ class GradientCorrection:
             # args is (optimizer, *positional arguments of step): the closure is step's first argument
             closure, where = (args[1], "args") if len(args) > 1 else (kwargs.get("closure"), "kwargs")
             if closure is None:
+                self.check_gradients(params_of(opt))
                 self.correct(params_of(opt))
                 return None
 
             def corrected_closure() -> Any:
                 loss = closure()
+                self.check_gradients(params_of(opt))
                 self.correct(params_of(opt))
                 return loss
 

@@ -26,13 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 
 from lightning_lorafa import _compat
-from lightning_lorafa.checkpoint import AtomicCheckpointIO, check_adapter_state, module_adapter_keys
+from lightning_lorafa.checkpoint import (
+    ADAPTER_ONLY_MARKER,
+    AtomicCheckpointIO,
+    check_adapter_state,
+    module_adapter_keys,
+)
 from lightning_lorafa.convert import lorafa_experts, lorafa_layers
+from lightning_lorafa.safe_load import load_checkpoint_file, load_sharded
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -198,17 +203,19 @@ class LoraFAModelParallelStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         keys = self._adapter_keys()
         own = {key: value for key, value in get_model_state_dict(self.model).items() if key in keys}
+        safe = weights_only is not False  # torch's and Lightning's default: weights-only
         if _compat.is_sharded_checkpoint(path):
-            _compat.distributed_checkpoint_load({"state_dict": own}, path)
+            load_sharded({"state_dict": own}, path, safe)
             set_model_state_dict(self.model, own, options=StateDictOptions(strict=False))
             for idx, optimizer in enumerate(self.optimizers):
                 state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
-                _compat.distributed_checkpoint_load(state, path)
+                load_sharded(state, path, safe)
                 set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{idx}"])
-            return torch.load(path / _compat.CHECKPOINT_METADATA_FILENAME, weights_only=weights_only)
+            return load_checkpoint_file(path / _compat.CHECKPOINT_METADATA_FILENAME, safe)
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        checkpoint = load_checkpoint_file(path, safe)
         saved = {key: value for key, value in checkpoint.pop("state_dict").items()}
+        saved.pop(ADAPTER_ONLY_MARKER, None)
         r = next((t.shape[1] for k, t in own.items() if k.endswith(".lora_B")), 0)
         check_adapter_state(own, saved, f"The checkpoint {path}", r)
         options = StateDictOptions(full_state_dict=True, strict=False)

@@ -28,7 +28,6 @@ import importlib
 import inspect
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,56 +37,25 @@ import yaml
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+from lightning_lorafa import _compat
 from lightning_lorafa.callback import LoraFA
-from lightning_lorafa.checkpoint import adapter_keys, check_adapter_state
-from lightning_lorafa.convert import apply_lorafa, get_lorafa_config, lorafa_experts, lorafa_layers
-from lightning_lorafa.layer import is_quantized
+from lightning_lorafa.checkpoint import (
+    ADAPTER_ONLY_MARKER,
+    adapter_keys,
+    check_adapter_state,
+    check_vocabulary,
+    embedding_keys,
+)
+from lightning_lorafa.convert import apply_lorafa, get_lorafa_config
+from lightning_lorafa.merge import merged_state_dict
 from lightning_lorafa.peft_export import export_peft
+from lightning_lorafa.safe_load import load_checkpoint_file, read_sharded_state
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("peft", "merged")
 #: Name endings of bitsandbytes' quantization state in a state dict (4-bit: absmax, quant_map, quant_state; 8-bit: SCB).
 QUANTIZED_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict ``model`` has once every LoRA-FA layer is folded into its base linear, without changing
-    ``model``: ``{name}.weight = W + s B A`` (float32 sum, rounded once to W's dtype, as ``LoraFALinear.merge``),
-    ``{name}.bias`` the base's, and no ``lora_A``/``lora_B``; fused experts ``{name}.gate_up_proj`` (E, ...) and
-    ``{name}.down_proj`` with every expert's ``s B_e A_e`` added; every other entry as it is.
-
-    Raises:
-        TypeError: a LoRA-FA layer's base is quantized (no float weight to fold into).
-    """
-    layers = lorafa_layers(model)
-    quantized = [name for name, layer in layers.items() if is_quantized(layer.base)]
-    if quantized:
-        raise TypeError(
-            f"LoRA-FA layers {quantized[:3]} have a quantized base, whose weight is not a float tensor: merge into "
-            "the full-precision base instead (`lorafa export --format merged` loads it)."
-        )
-    experts = lorafa_experts(model)
-    adapters = {f"{name}.adapters.{projection}" for name, e in experts.items() for projection in e.adapters}
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        module_name, _, leaf = key.rpartition(".")
-        if (module_name in layers or module_name in adapters) and leaf in ("lora_A", "lora_B"):
-            continue
-        owner = module_name.removesuffix(".base") if module_name.endswith(".base") else None
-        if owner in layers:  # "...q_proj.base.weight" -> "...q_proj.weight"
-            key = f"{owner}.{leaf}"
-            if leaf == "weight" and not layers[owner].merged:
-                delta = layers[owner].delta_weight().to(tensor.device)
-                tensor = (tensor.float() + delta).to(tensor.dtype)
-        elif owner in experts:  # "...experts.base.gate_up_proj" -> "...experts.gate_up_proj"
-            key = f"{owner}.{leaf}"
-            adapter = experts[owner].adapters[leaf] if leaf in experts[owner].adapters else None
-            if adapter is not None and not experts[owner].merged:
-                delta = adapter.delta_weight(experts[owner].base.is_transposed).to(tensor.device)
-                tensor = (tensor.float() + delta).to(tensor.dtype)
-        state[key] = tensor.detach()
-    return state
 
 
 def save_merged(
@@ -174,24 +142,22 @@ def is_quantized_state(state: dict[str, Any]) -> bool:
     return any(key.endswith(QUANTIZED_STATE_SUFFIXES) or ".quant_state." in key for key in state)
 
 
-def read_checkpoint_state(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_checkpoint_state(ckpt_path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """The `state_dict` of a Lightning checkpoint file, or of a distributed (FSDP2 sharded) checkpoint directory
-    (read with `torch.distributed.checkpoint.format_utils.dcp_to_torch_save`, no process group needed)."""
+    (read in this process, no process group needed), read weights-only unless `weights_only=False` (a file you
+    trust: reading it whole runs whatever it holds)."""
     path = Path(ckpt_path)
     if path.is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path, Path(tmp) / "full.pt")
-            # a Lightning checkpoint holds plain Python objects besides tensors (loops, hyperparameters)
-            checkpoint = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+        state = read_sharded_state(path, weights_only)
     elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(path, weights_only)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a Lightning checkpoint (it has no 'state_dict').")
+        state = checkpoint["state_dict"]
     else:
         raise FileNotFoundError(f"checkpoint {path} does not exist; give the .ckpt file (or directory) of the run.")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (it has no 'state_dict').")
-    return checkpoint["state_dict"]
+    state.pop(ADAPTER_ONLY_MARKER, None)
+    return state
 
 
 def build_trained_model(
@@ -199,6 +165,7 @@ def build_trained_model(
     ckpt_path: str | os.PathLike,
     base_model: str | None = None,
     dtype: str | None = None,
+    weights_only: bool = True,
 ) -> tuple[nn.Module, str]:
     """The run's model, converted with its `LoraFA` settings and holding the checkpoint's adapter, and the name or
     path of its base checkpoint. The task module (`model.class_path`) is built from its `init_args`, with
@@ -225,7 +192,7 @@ def build_trained_model(
     name = init_args.get("model_name_or_path")
     if name is None:
         raise ValueError("the config's model.init_args has no model_name_or_path; pass base_model.")
-    state = read_checkpoint_state(ckpt_path)
+    state = read_checkpoint_state(ckpt_path, weights_only)
     quantization = init_args.get("quantization")
     if quantization or is_quantized_state(state):
         log.warning(
@@ -246,12 +213,14 @@ def build_trained_model(
         )
     callback = lorafa_callback(config)
     module = module_class(**init_args)
-    model, prefix = callback.lorafa_model(module)
+    model = _compat.uncompiled(callback.lorafa_model(module)[0])
+    prefix = next(f"{name}." if name else "" for name, sub in module.named_modules() if sub is model)
     apply_lorafa(model, callback)  # the settings the run trained with (its LoraFA callback)
     given = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     own = model.state_dict()
     expected = {key: own[key] for key in adapter_keys(model)}
     adapter = {key: value for key, value in given.items() if key in expected or ".lora_" in key}
+    check_vocabulary(given, own, f"The checkpoint {ckpt_path}", embedding_keys(model))
     check_adapter_state(expected, adapter, f"The checkpoint {ckpt_path}", get_lorafa_config(model).r)
     model.load_state_dict({key: value for key, value in given.items() if key in own}, strict=False)
     return model.eval(), name
@@ -265,6 +234,7 @@ def export(
     base_model: str | None = None,
     dtype: str | None = None,
     task_type: str | None = None,
+    weights_only: bool = True,
 ) -> Path:
     """Export a trained run: its PEFT adapter or the merged model.
 
@@ -278,10 +248,12 @@ def export(
             full-precision original of a quantized base).
         dtype: load the base (and so write the merged weights) in this dtype instead of the config's.
         task_type: PEFT task type for `format="peft"` (default: from the model class).
+        weights_only: read the checkpoint weights-only (the default, as torch and Lightning read checkpoints); False
+            reads it whole, running whatever objects it holds: only for a file you trust.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {FORMATS}.")
-    model, name = build_trained_model(read_config(config), ckpt_path, base_model, dtype)
+    model, name = build_trained_model(read_config(config), ckpt_path, base_model, dtype, weights_only)
     if format == "peft":
         path = export_peft(model, output, name, task_type or peft_task_type(model))
     else:
@@ -302,6 +274,13 @@ def main(args: list[str] | None = None) -> Path:
     parser.add_argument("--base_model", default=None, help="base checkpoint instead of the config's")
     parser.add_argument("--dtype", default=None, help="load the base in this dtype (float32, bfloat16, ...)")
     parser.add_argument("--task_type", default=None, help="PEFT task type of the adapter (format peft)")
+    parser.add_argument(
+        "--weights_only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read the checkpoint weights-only (default); --no-weights_only reads it whole, running whatever objects "
+        "it holds: only for a checkpoint you trust",
+    )
     options = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return export(**vars(options))

@@ -13,11 +13,17 @@ is ``s * dB A``): orthonormal rows are sqrt(3) times longer than Kaiming's on av
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
 
 from lightning_lorafa.settings import INIT_A
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Seed of the A matrix of the layer called ``name``: distinct per layer, reproducible from ``seed``."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
 def check_init_a(init_a: str) -> None:

@@ -30,7 +30,6 @@ read once, at the first mask on a CUDA device:
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -68,19 +67,16 @@ _generators: dict[torch.device, torch.Generator] = {}
 _templates: dict[tuple[torch.Size, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-@functools.cache  # called for every mask; a model has a handful of distinct p
 def dropped_levels(p: float) -> int:
     """How many of the 2**16 values of a 16-bit draw drop an entry: ``p * 2**16`` rounded, at most 2**16 - 1."""
     return min(round(p * LEVELS), LEVELS - 1)
 
 
-@functools.cache
 def effective_p(p: float) -> float:
     """The drop probability the kernels realise for ``p``: ``p`` rounded to a multiple of 1 / 2**16."""
     return dropped_levels(p) / LEVELS
 
 
-@functools.cache
 def keep_scale(p: float) -> float:
     """The factor kept entries are multiplied by: ``1 / (1 - effective_p(p))``."""
     return 1.0 / (1.0 - effective_p(p))

@@ -123,6 +123,9 @@ class LoraFALinear(nn.Module):
         ValueError: ``r``, ``alpha`` or ``dropout`` out of range.
     """
 
+    #: The base's parameter the branch adds to, and merging folds into.
+    weight_name = "weight"
+
     def __init__(
         self,
         base: nn.Linear | Conv1D,
@@ -144,7 +147,7 @@ class LoraFALinear(nn.Module):
         self.base = base
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.base.requires_grad_(False)
-        weight = base.weight
+        weight = self.base_weight(base)
         full_precision = weight.is_floating_point() and not is_quantized(base)
         factory = {"device": weight.device, "dtype": weight.dtype if full_precision else torch.float32}
         self.register_buffer("lora_A", torch.empty(r, d_in, **factory))
@@ -163,6 +166,11 @@ class LoraFALinear(nn.Module):
                 f"LoraFALinear adapts nn.Linear layers, got {type(base).__name__} (transformers' Conv1D works too)."
             )
         return linear_features(base)
+
+    @staticmethod
+    def base_weight(base: nn.Module) -> torch.Tensor:
+        """The base's weight the branch adds to (and merging folds into)."""
+        return base.weight
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -184,7 +192,7 @@ class LoraFALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The frozen base weight (d_out, d_in), or (d_in, d_out) for a ``Conv1D`` base; models such as T5 read
         ``layer.weight.dtype``."""
-        return self.base.weight
+        return self.base_weight(self.base)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -195,12 +203,15 @@ class LoraFALinear(nn.Module):
         y = self.base(x)
         return y if self.merged else self.add_branch(y, x)
 
-    def add_branch(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + s * dropout(x) A^T B^T`` for the base's output y (..., d_out) on its input x (..., d_in)."""
+    def add_branch(self, y: torch.Tensor, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """``y + s * dropout(x) A^T B^T`` for the base's output y (..., d_out) on its input x (..., d_in); with
+        ``rows``, for a product with those rows of the base's weight only (y (..., rows), B's rows ``rows``)."""
         p = self.dropout if self.training else 0.0
         dtype, lora_B = branch_dtype(x, self.lora_B)
         if self.correct_in_backward and lora_B.requires_grad:
             lora_B = CorrectedGradient.apply(lora_B, correction_matrix(self))
+        if rows is not None:
+            lora_B = lora_B[rows]
         scale = self.scaling * keep_scale(p)  # keep_scale(0.0) is 1.0
         return add_lora_fa_branch(y, x, self.scaled_lora_A(dtype, scale), lora_B, p)
 
@@ -231,7 +242,7 @@ class LoraFALinear(nn.Module):
         """
         self._check_mergeable()
         if not self.merged:
-            weight = self.base.weight
+            weight = self.weight
             weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
             self.merged = True
 
@@ -240,7 +251,7 @@ class LoraFALinear(nn.Module):
         """Subtract ``s * B A`` from ``base.weight`` again (no-op if not merged)."""
         self._check_mergeable()
         if self.merged:
-            weight = self.base.weight
+            weight = self.weight
             weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
             self.merged = False
 

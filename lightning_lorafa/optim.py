@@ -11,17 +11,21 @@ step as ``p -= lr * wd * p``. State is keyed by parameter, like ``torch.optim``,
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_lorafa.convert import lorafa_experts, lorafa_layers
-from lightning_lorafa.correction import GradientCorrection, correct_gradient, correction_matrix
+from lightning_lorafa.convert import lorafa_experts, lorafa_layers, lorafa_modules
+from lightning_lorafa.correction import GradientCorrection, correct_gradient, correction_matrix, warn_no_gradient
 from lightning_lorafa.experts import ExpertsAdapter
 from lightning_lorafa.layer import LoraFALinear
+
+log = logging.getLogger(__name__)
 
 
 class LoraFAOptimizer(torch.optim.Optimizer):
@@ -33,6 +37,8 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             not in it get plain AdamW. Build it with ``lora_layers_by_parameter(model)``.
         lr, betas, eps, weight_decay, correct_bias: as in transformers' AdamW (eps default 1e-6).
         gradient_correction: apply the closed-form correction (default True). Without it this is AdamW.
+        lora_names: maps each ``lora_B`` to its module's name (``lora_names_by_parameter(model)``); given, the
+            first ``step`` warns by name about B's without a gradient (adapters that took no part in the forward).
 
     Gradient clipping done before ``step`` (Lightning's ``gradient_clip_val``) acts on the raw
     gradients; the correction is applied after it, inside ``step``, as in PEFT. Layers with
@@ -50,6 +56,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         correct_bias: bool = True,
         gradient_correction: bool = True,
+        lora_names: Mapping[nn.Parameter, str] | None = None,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}.")
@@ -67,7 +74,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.lora_layers: dict[nn.Parameter, LoraFALinear] = dict(lora_layers or {})
-        self._correction = GradientCorrection(self.lora_layers)
+        self._correction = GradientCorrection(self.lora_layers, names=lora_names)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -75,6 +82,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._correction.check_gradients([p for group in self.param_groups for p in group["params"]])
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             params, grads, exp_avgs, exp_avg_sqs, step_sizes, steps = [], [], [], [], [], []
@@ -129,6 +137,72 @@ def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFALinea
     return layers
 
 
+def keep_trainable_only(optimizers: Sequence[torch.optim.Optimizer], module: nn.Module) -> None:
+    """Drop the frozen parameters from the param groups of ``optimizers`` (they never get a gradient; under FSDP they
+    are sharded base weights), log how many, and warn by name about trainable parameters of ``module`` that no
+    optimizer holds (several optimizers, e.g. one for the adapters and one for a head, count together).
+
+    Raises:
+        ValueError: an optimizer holds no trainable parameter at all.
+    """
+    names = {id(p): name for name, p in module.named_parameters()}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    held: set[int] = set()
+    for optimizer in optimizers:
+        kind, dropped, kept_any = type(optimizer).__name__, 0, False
+        for group in optimizer.param_groups:
+            kept = [p for p in group["params"] if p.requires_grad]
+            dropped += len(group["params"]) - len(kept)
+            group["params"] = kept
+            held |= {id(p) for p in kept}
+            kept_any = kept_any or bool(kept)
+        if not kept_any:
+            raise ValueError(
+                f"The {kind} from configure_optimizers holds none of the LoRA-FA trainable parameters (B and "
+                "modules_to_save). Build it over self.parameters() (LoraFA keeps only the trainable ones), or return "
+                "None to let LoraFA supply one."
+            )
+        if dropped:
+            log.info("LoRA-FA: %d frozen parameters left out of %s's param groups.", dropped, kind)
+    missing = sorted(names.get(i, "?") for i in trainable - held)
+    if missing:
+        rank_zero_warn(
+            f"LoRA-FA: {len(missing)} trainable tensors are in no optimizer and will not train: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. Build the optimizers over "
+            "self.parameters() (LoraFA keeps only the trainable ones)."
+        )
+
+
+def adapters_without_gradient(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
+    """Names of the LoRA-FA modules of ``model`` whose B is among ``params`` and has no gradient after a backward
+    pass: modules that took no part in the forward. Layers corrected in backward (FSDP1) are not looked at."""
+    held = {id(p) for p in params}
+    unused = []
+    for name, module in lorafa_modules(model).items():
+        adapters = module.adapters.values() if hasattr(module, "adapters") else [module]
+        if any(id(a.lora_B) in held and a.lora_B.grad is None and not a.correct_in_backward for a in adapters):
+            unused.append(name)
+    return unused
+
+
+def warn_adapters_without_gradient(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
+    """Warn by name about the adapters of ``model`` held by ``optimizers`` whose B got no gradient (call it after
+    the first backward pass, before the optimizers' step); return their names."""
+    params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    unused = adapters_without_gradient(model, params)
+    warn_no_gradient(unused, len(lorafa_modules(model)))
+    return unused
+
+
+def lora_names_by_parameter(model: nn.Module) -> dict[nn.Parameter, str]:
+    """The name of the LoRA-FA module of ``model`` that owns each ``lora_B`` parameter."""
+    names = {}
+    for name, module in lorafa_modules(model).items():
+        for adapter in module.adapters.values() if hasattr(module, "adapters") else [module]:
+            names[adapter.lora_B] = name
+    return names
+
+
 def create_lorafa_optimizer(
     model: nn.Module,
     lr: float = 1e-3,
@@ -154,6 +228,7 @@ def create_lorafa_optimizer(
         eps=eps,
         weight_decay=weight_decay,
         gradient_correction=gradient_correction,
+        lora_names=lora_names_by_parameter(model),
     )
 
 
@@ -163,4 +238,5 @@ __all__ = [
     "correction_matrix",
     "create_lorafa_optimizer",
     "lora_layers_by_parameter",
+    "lora_names_by_parameter",
 ]

@@ -11,15 +11,20 @@ PEFT requires there. The directory loads with
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import warnings
 from pathlib import Path
 
+from packaging.version import Version
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_lorafa.checkpoint import atomic_write
+from lightning_lorafa import _compat
+from lightning_lorafa.checkpoint import atomic_write, resized_embeddings
 from lightning_lorafa.convert import get_lorafa_config, lorafa_experts, lorafa_layers
+from lightning_lorafa.multihead import LoraFAMultiheadAttention
 from lightning_lorafa.router import LoraFARouter
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -90,13 +95,28 @@ def _expert_wrappers(model: nn.Module) -> dict[str, nn.Module]:
     return wrappers
 
 
+def peft_layer_names(model: nn.Module) -> dict[str, str]:
+    """PEFT's module name of each LoRA-FA layer of ``model``: the same, except that the ``out_proj`` inside an
+    ``nn.MultiheadAttention`` adapter (ours: ``<attention>.base.out_proj``) sits under PEFT's wrapper as
+    ``<attention>.base_layer.out_proj``."""
+    layers = lorafa_layers(model)
+    attentions = [name for name, layer in layers.items() if isinstance(layer, LoraFAMultiheadAttention)]
+    names = {}
+    for name in layers:
+        outer = next((a for a in attentions if name.startswith(f"{a}.base.")), None)
+        names[name] = name if outer is None else f"{outer}.base_layer.{name[len(outer) + 6 :]}"
+    return names
+
+
 def peft_state_dict(model: nn.Module, task_type: str | None = None) -> dict:
     """Adapter tensors under PEFT's key names (``base_model.model.<module>.lora_A.weight`` ...), and the full
     tensors of every module PEFT wraps as ``modules_to_save`` when loading for ``task_type``."""
+    model = _compat.uncompiled(model)
     tensors = {}
+    names = peft_layer_names(model)
     for name, layer in lorafa_layers(model).items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+        tensors[f"{_PREFIX}{names[name]}.lora_A.weight"] = layer.lora_A.detach()
+        tensors[f"{_PREFIX}{names[name]}.lora_B.weight"] = layer.lora_B.detach()
     for name, adapter in _expert_wrappers(model).items():
         num_experts, d_out, r = adapter.lora_B.shape
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().reshape(num_experts * r, -1)
@@ -105,6 +125,9 @@ def peft_state_dict(model: nn.Module, task_type: str | None = None) -> dict:
     for name in peft_modules_to_save(model, task_type)[1]:
         for key, tensor in modules[name].state_dict().items():
             tensors[f"{_PREFIX}{name}.{key}"] = tensor.detach()
+    state = model.state_dict()
+    for key in resized_embeddings(model):  # PEFT's save_embedding_layers: load into a base resized the same way
+        tensors[f"{_PREFIX}{key}"] = state[key].detach().clone()
     return {key: tensor.cpu().contiguous() for key, tensor in tensors.items()}
 
 
@@ -126,6 +149,7 @@ def export_peft(
         ValueError: the model was not converted, its layers are merged, or PEFT's ``task_type`` would wrap an
             adapted layer as a ``modules_to_save`` module (the message says what to pass instead).
     """
+    model = _compat.uncompiled(model)
     config = get_lorafa_config(model)
     merged = [name for name, layer in lorafa_layers(model).items() if layer.merged]
     directory = Path(directory)
@@ -149,7 +173,10 @@ def export_peft(
         # the dropout does nothing.
         "lora_dropout": 0.0 if target_parameters else config.dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": sorted(set(lorafa_layers(model)) - set(routers)),
+        # an nn.MultiheadAttention's out_proj is adapted with its module (PEFT adapts both when the module is named)
+        "target_modules": sorted(
+            name for name, peft in peft_layer_names(model).items() if name == peft and name not in routers
+        ),
         "target_parameters": target_parameters or None,
         "modules_to_save": modules_to_save or None,
         "bias": "none",
@@ -159,6 +186,38 @@ def export_peft(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    attentions = [name for name, layer in lorafa_layers(model).items() if isinstance(layer, LoraFAMultiheadAttention)]
+    if attentions and _peft_doubles_the_out_proj_delta():
+        warnings.warn(
+            f"LoRA-FA: the adapter of {len(attentions)} nn.MultiheadAttention modules ({_first(attentions)}) is "
+            f"exported as PEFT stores it, but PEFT {_peft_version()}'s MultiheadAttention layer adds out_proj's delta "
+            "twice in its forward and its merge (huggingface/peft#3774), so a PeftModel loaded from it computes "
+            "W_o + 2 s B_o A_o; and in eval mode torch's fused nn.TransformerEncoderLayer path skips PEFT's "
+            "MultiheadAttention adapters. Until PEFT is fixed, serve this model merged: "
+            "lightning_lorafa.merge_lorafa(model), or its state from lightning_lorafa.merge.merged_state_dict(model).",
+            stacklevel=2,
+        )
     atomic_write(directory / PEFT_WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / PEFT_CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2)))
     return directory
+
+
+#: The last PEFT release whose MultiheadAttention LoRA adds out_proj's delta twice (huggingface/peft#3774, open).
+PEFT_DOUBLES_OUT_PROJ_UP_TO = "0.21.2"
+
+
+def _peft_version() -> str:
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _peft_doubles_the_out_proj_delta() -> bool:
+    """Whether the installed PEFT (or, without one, the latest PEFT known) has the MultiheadAttention bug."""
+    version = _peft_version()
+    return version == "(not installed)" or Version(version) <= Version(PEFT_DOUBLES_OUT_PROJ_UP_TO)
+
+
+def _first(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")

@@ -36,7 +36,8 @@ from lightning_lorafa.convert import (
 from lightning_lorafa.correction import GradientCorrection
 from lightning_lorafa.dropout import inline_functional_dropouts, replace_dropout
 from lightning_lorafa.layer import is_quantized
-from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter
+from lightning_lorafa.multihead import LoraFAMultiheadAttention
+from lightning_lorafa.optim import LoraFAOptimizer, lora_layers_by_parameter, lora_names_by_parameter
 from lightning_lorafa.quantization import keep_no_quantized_inputs
 from lightning_lorafa.recompute import apply_recompute
 from lightning_lorafa.router import LoraFARouter
@@ -72,7 +73,10 @@ class Preparation:
         verb = "uses the adapters already in" if self.adopted else "converted"
         suffixes = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
         routers = sum(isinstance(layer, LoraFARouter) for layer in layers.values())
-        what = f"{len(layers) - routers} linear layers" + (f", {routers} MoE routers" if routers else "")
+        attentions = sum(isinstance(layer, LoraFAMultiheadAttention) for layer in layers.values())
+        what = f"{len(layers) - routers - attentions} linear layers" + (f", {routers} MoE routers" if routers else "")
+        if attentions:
+            what += f", {attentions} nn.MultiheadAttention in-projections (q, k, v)"
         if experts:
             num = next(iter(experts.values())).num_experts
             what += f" and {len(experts)} fused experts modules ({num} experts each)"
@@ -118,6 +122,7 @@ def prepare_model(
             (the message names both), or ``recompute`` finds nothing to recompute.
     """
     settings = _settings(settings, overrides)
+    model = _compat.uncompiled(model)  # a torch.compile'd model: the model it compiled, prepared in place
     done = Preparation()
     config = getattr(model, "lorafa_config", None)
     if config is None:
@@ -207,12 +212,15 @@ def keep_dropout_seeds(model: nn.Module) -> tuple[list[str], dict[str, str], dic
     return changed + switched, kept_masks | inline_functional_dropouts(model), own_attention
 
 
-def attach_gradient_correction(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:
+def attach_gradient_correction(
+    optimizer: torch.optim.Optimizer, model: nn.Module, check_unused: bool = True
+) -> RemovableHandle:
     """Correct the LoRA-FA B gradients of ``model`` that ``optimizer`` holds before each of its steps.
 
     Any ``torch.optim.Optimizer`` keeps its class, settings and LR schedulers; see
     ``GradientCorrection.attach`` for when the correction runs (after the closure, i.e. after gradient
-    clipping). Returns the hook's handle (``handle.remove()`` detaches it).
+    clipping). With ``check_unused``, its first step warns by name about adapters whose B got no gradient (they
+    took no part in the forward). Returns the hook's handle (``handle.remove()`` detaches it).
 
     Raises:
         ValueError: ``model`` has no LoRA-FA layers, or ``optimizer`` is a ``LoraFAOptimizer`` (which corrects
@@ -223,4 +231,5 @@ def attach_gradient_correction(optimizer: torch.optim.Optimizer, model: nn.Modul
     layers = lora_layers_by_parameter(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA-FA layers: call prepare_model(model, ...) first.")
-    return GradientCorrection(layers).attach(optimizer)
+    names = lora_names_by_parameter(model) if check_unused else None
+    return GradientCorrection(layers, names=names).attach(optimizer)

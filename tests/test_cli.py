@@ -17,6 +17,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lightning_lorafa import AtomicCheckpointIO, LoraFA
+from lightning_lorafa.checkpoint import ADAPTER_ONLY_MARKER
 from lightning_lorafa.cli import main
 from lightning_lorafa.tasks import GLUE_TASKS
 
@@ -263,6 +264,7 @@ def test_ddp_overlay_trains_two_cpu_processes_from_the_command_line(
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert "`Trainer.fit` stopped: `max_steps=2` reached." in output
     (checkpoint,) = (workdir / "outputs").rglob("*.ckpt")
-    state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint, weights_only=True)
     assert state["global_step"] >= 1  # ModelCheckpoint keeps the best validation step
+    assert state["state_dict"].pop(ADAPTER_ONLY_MARKER).numel() == 1
     assert state["state_dict"] and all("lora_" in k or "classifier" in k for k in state["state_dict"])

@@ -75,7 +75,9 @@ BREAK = {
     "softmax_backward": "import torch; del torch._softmax_backward_data",
     "sdpa_attention": "import transformers.modeling_utils, transformers.integrations.sdpa_attention as m; "
     "del m.sdpa_attention_forward",
-    "sharded_checkpoints": "import lightning.fabric.strategies.model_parallel as m; del m._distributed_checkpoint_load",
+    "sharded_checkpoints": "import lightning.fabric.strategies.model_parallel as m; del m._is_sharded_checkpoint",
+    "save_pretrained_merged": "import transformers; transformers.PreTrainedModel.save_pretrained = len",
+    "compiled_modules": "import torch._dynamo.eval_frame as m; del m.OptimizedModule",
 }
 
 CHECK = {
@@ -107,6 +109,23 @@ model = tiny_roberta(dropout=0.1)
 changed, kept, _ = keep_dropout_seeds(model)
 assert model.config._attn_implementation == "sdpa" and changed
 assert "SDPA attention function is missing" in next(iter(kept.values())), kept
+""",
+    # save_pretrained writes the adapters' own layout: no hook is registered, and the warning said why at import
+    "save_pretrained_merged": """
+import sys; sys.path.insert(0, "tests")
+from conftest import tiny_llama
+from lightning_lorafa import apply_lorafa, merge
+model = tiny_llama()
+apply_lorafa(model, r=4)
+assert merge.fold_on_save_pretrained(model) == [] and not merge._save_hooks
+""",
+    # a compiled model is taken as it is (its names carry _orig_mod.); plain models convert as before
+    "compiled_modules": """
+import sys; sys.path.insert(0, "tests")
+from conftest import TwoLayerNet
+from lightning_lorafa import apply_lorafa, _compat
+model = TwoLayerNet()
+assert _compat.uncompiled(model) is model and apply_lorafa(model, r=2) == ["fc1", "fc2"]
 """,
     "sharded_checkpoints": """
 import pytest

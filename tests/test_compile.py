@@ -101,3 +101,92 @@ def test_inductor_compiled_model_matches_eval_and_trains(tmp_path):
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(layer.lora_B, before)
+
+
+class CompiledClassifier(pl.LightningModule):
+    """A user's module that compiles its model in ``__init__``: ``self.model = torch.compile(...)``."""
+
+    def __init__(self, model_name_or_path: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        base = tiny_roberta(dropout=0.1) if model_name_or_path is None else _from_pretrained(model_name_or_path)
+        self.model = torch.compile(base.train(), backend="aot_eager")
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _from_pretrained(path: str) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path)
+
+
+def test_a_compiled_model_exports_saves_loads_and_merges_like_the_plain_one(tmp_path):
+    """Every function that takes the model gives on ``torch.compile(model)`` what it gives on the model itself: no
+    ``_orig_mod.`` in names, the head in the adapter, and no dynamo warning from the library's code."""
+    import json
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from lightning_lorafa import export_peft, load_adapter, load_from_checkpoint, merge_lorafa, save_adapter
+    from lightning_lorafa.merge import merged_state_dict
+
+    tiny_roberta().save_pretrained(tmp_path / "base")
+    module = CompiledClassifier(str(tmp_path / "base"))
+    ids = torch.randint(3, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+    trainer = pl.Trainer(max_steps=2, callbacks=[LoraFA(r=4, alpha=8)], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, DataLoader(TensorDataset(ids, ids[:, 0] % 2), batch_size=4))
+    ours = [str(w.message) for w in caught if "lightning_lorafa" in w.filename or "lru_cache" in str(w.message)]
+    assert ours == []
+    compiled, plain = module.model, module.model._orig_mod
+    assert plain.lorafa_config.modules_to_save == ["classifier"] and "_orig_mod" not in str(plain.lorafa_config)
+    plain.eval()
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+
+    export_peft(compiled, tmp_path / "peft-compiled")
+    export_peft(plain, tmp_path / "peft-plain")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        a, b = tmp_path / "peft-compiled" / name, tmp_path / "peft-plain" / name
+        if name.endswith(".json"):
+            assert json.loads(a.read_text()) == json.loads(b.read_text())
+        else:
+            got, want = load_file(a), load_file(b)
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    save_adapter(compiled, tmp_path / "adapter")
+    reloaded = load_adapter(torch.compile(_from_pretrained(str(tmp_path / "base")), backend="aot_eager"),
+                            tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded._orig_mod.eval()(input_ids=ids).logits, expected)
+    assert merged_state_dict(compiled).keys() == merged_state_dict(plain).keys()
+
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    state = torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"]
+    assert "model._orig_mod.classifier.out_proj.weight" in state  # the head travels with the adapter
+    restored = load_from_checkpoint(CompiledClassifier, tmp_path / "run.ckpt")
+    with torch.no_grad():
+        assert torch.equal(restored.model._orig_mod.eval()(input_ids=ids).logits, expected)
+
+    from lightning_lorafa.export import build_trained_model
+
+    config = {
+        "model": {"class_path": "test_compile.CompiledClassifier",
+                  "init_args": {"model_name_or_path": str(tmp_path / "base")}},
+        "trainer": {"callbacks": [{"class_path": "lightning_lorafa.LoraFA", "init_args": {"r": 4, "alpha": 8}}]},
+    }
+    exported, _ = build_trained_model(config, tmp_path / "run.ckpt")  # what `lorafa export` loads
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids).logits, expected)
+
+    assert merge_lorafa(compiled) is compiled and not lorafa_layers(compiled)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

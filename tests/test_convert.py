@@ -74,7 +74,8 @@ def test_plain_module_and_regex_and_exclude():
     model = TwoLayerNet()
     assert apply_lorafa(model, r=2, target_modules=r"fc\d") == ["fc1", "fc2"]
     model = TwoLayerNet()
-    assert apply_lorafa(model, r=2, exclude=["fc2"]) == ["fc1", "head"]
+    assert apply_lorafa(model, r=2, exclude=["fc2"]) == ["fc1"]  # the output layer trains fully
+    assert model.lorafa_config.modules_to_save == ["head"] and model.head.weight.requires_grad
     x = torch.randn(3, 12)
     assert model(x).shape == (3, 3)
 
@@ -125,7 +126,8 @@ def unchanged(model, before):
         (
             {"target_modules": ["attention"]},
             TypeError,
-            r"adapts nn.Linear layers, transformers' Conv1D, fused MoE experts and MoE routers only.*RobertaAttention",
+            r"adapts nn.Linear layers, transformers' Conv1D, nn.MultiheadAttention \(packed q, k, v\), fused MoE "
+            r"experts and MoE routers only.*RobertaAttention",
         ),
         ({"r": 0}, ValueError, r"\(r=0\): r must be >= 1"),
         ({"r": 33}, ValueError, r"exceeds min\(in_features, out_features\)"),

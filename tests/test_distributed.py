@@ -27,11 +27,13 @@ from lightning_lorafa import (
     lorafa_layers,
     transformer_block_classes,
 )
+from lightning_lorafa.checkpoint import ADAPTER_ONLY_MARKER
 from lightning_lorafa.distributed import (
     check_not_sharded,
     check_resume_supported,
     prepare_for_strategy,
 )
+from lightning_lorafa.optim import keep_trainable_only
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
@@ -90,8 +92,9 @@ def test_two_processes_ddp_train_like_one_and_resume_exactly(tmp_path, single_pr
     # DDP does not broadcast the frozen A before every forward: every rank draws the same A from its seed
     synced, synced_A = rank0["synced_buffers"]
     assert synced_A == 0 and synced > 0, rank0["synced_buffers"]  # the model's other buffers still are
-    checkpoint = torch.load(tmp_path / "first" / "half.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "first" / "half.ckpt", weights_only=True)
     state = checkpoint["state_dict"]
+    assert state.pop(ADAPTER_ONLY_MARKER).numel() == 1
     assert len([k for k in state if k.endswith(".lora_B")]) == 12
     assert all(k.endswith((".lora_A", ".lora_B")) or k.startswith("model.classifier.") for k in state)
 
@@ -101,8 +104,9 @@ def test_two_processes_fsdp2_row_sharded_B_trains_like_one_and_resumes_from_a_fi
     check_two_process_run(rank0, rank1, single_process_reference)
     # B (32, 4) is a DTensor holding 16 rows per rank; A stays a whole, unsharded buffer
     assert rank0["types"] == ("DTensor", (16, 4), "Tensor", (4, 32))
-    checkpoint = torch.load(tmp_path / "first" / "half.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "first" / "half.ckpt", weights_only=True)
     state = checkpoint["state_dict"]
+    assert state.pop(ADAPTER_ONLY_MARKER).numel() == 1
     assert len([k for k in state if k.endswith(".lora_B")]) == 12 and len(state) == 28
     assert all(k.endswith((".lora_A", ".lora_B")) or k.startswith("model.classifier.") for k in state)
     assert state["model.roberta.encoder.layer.0.attention.self.query.lora_B"].shape == (32, 4)
@@ -246,7 +250,7 @@ def test_frozen_parameters_leave_a_users_optimizer_so_sharded_base_weights_are_n
     trainable = [p for p in module.parameters() if p.requires_grad]
     frozen = [p for p in module.parameters() if not p.requires_grad]
     assert len(everything.param_groups[0]["params"]) == len(trainable) + len(frozen) and len(frozen) == 37
-    LoraFA._keep_trainable_only(everything, module)
+    keep_trainable_only([everything], module)
     assert everything.param_groups[0]["params"] == trainable
 
 

@@ -210,3 +210,26 @@ def test_checkpoints_written_by_two_fsdp2_processes_export_the_trained_model(
     export([str(path)], str(tmp_path / "sharded.ckpt"), str(tmp_path / "adapter"), "peft")
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(logits_of(peft_model), results["sharded.ckpt"], rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_carrying_a_pickled_call_is_refused_by_lorafa_export(fitted_run: dict, tmp_path: Path):
+    """`lorafa export` reads the checkpoint weights-only: a payload that would create a file does not run;
+    `--no-weights_only` (a checkpoint the user trusts) reads it whole."""
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    checkpoint = torch.load(fitted_run["ckpt"], weights_only=True)
+    checkpoint["hyper_parameters"]["note"] = Payload()
+    torch.save(checkpoint, tmp_path / "poisoned.ckpt")
+    args = ["--config", str(fitted_run["config"]), "--ckpt_path", str(tmp_path / "poisoned.ckpt"), "--format", "peft"]
+    from lightning_lorafa.export import main as export_main
+
+    with pytest.raises(ValueError, match=r"poisoned\.ckpt holds objects that weights-only loading refuses \(.*GLOBAL "
+                       r"posix\.system.*pass weights_only=False \(`lorafa export --no-weights_only`\)"):
+        export_main([*args, "--output", str(tmp_path / "refused")])
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "refused").exists()
+    export_main([*args, "--output", str(tmp_path / "trusted"), "--no-weights_only"])
+    assert (tmp_path / "ran").exists() and (tmp_path / "trusted" / "adapter_model.safetensors").is_file()
