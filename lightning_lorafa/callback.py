@@ -89,7 +89,7 @@ class LoraFA(LoraFASettings, pl.Callback):
         self._legacy_optimizer_state = False
         self._recorder: SavedActivationRecorder | None = None
         self._timing: dict[str, float] = {}
-        self._unused_checked = True
+        self._unused_checked: set[int] | None = None
 
     def _check(self) -> None:
         super()._check()
@@ -195,7 +195,9 @@ class LoraFA(LoraFASettings, pl.Callback):
         """Keep the user's optimizers: drop their frozen parameters and correct B's gradient before each step."""
         self._require_converted(pl_module)
         model, _ = self.lorafa_model(pl_module)
-        self._unused_checked = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))  # B's are sharded
+        # optimizers checked for B's without a gradient; None: not checked (sharded strategies spread B's gradient)
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        self._unused_checked = None if sharded else set()
         optimizers = trainer.optimizers
         if not optimizers or all(_compat.is_placeholder_optimizer(opt) for opt in optimizers):
             params = [p for p in pl_module.parameters() if p.requires_grad]
@@ -238,11 +240,12 @@ class LoraFA(LoraFASettings, pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        """At the first optimizer step: warn by name about adapters whose B got no gradient (they took no part in
-        the forward), before DDP fails on them at the next step."""
-        if not self._unused_checked:
-            self._unused_checked = True
-            warn_adapters_without_gradient(self.lorafa_model(pl_module)[0], trainer.optimizers)
+        """At each optimizer's first step: warn by name about the adapters it holds whose B got no gradient (they
+        take no part in the loss), before DDP fails on them at the next step."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer's own
+        if self._unused_checked is not None and id(optimizer) not in self._unused_checked:
+            self._unused_checked.add(id(optimizer))
+            warn_adapters_without_gradient(self.lorafa_model(pl_module)[0], [optimizer])
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -81,12 +81,24 @@ def resized_embeddings(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def module_adapter_keys(module: nn.Module) -> list[str]:
-    """``adapter_keys`` of every converted model inside ``module`` (a LightningModule, say), with their prefixes (a
-    ``torch.compile``d model's with its ``_orig_mod.``, as in ``module.state_dict()``)."""
+    """State-dict keys of ``module`` (a LightningModule, say) that its adapter-only checkpoints hold: the
+    ``adapter_keys`` of every converted model inside it, with their prefixes (a ``torch.compile``d model's with
+    its ``_orig_mod.``, as in ``module.state_dict()``), and, outside those models, every trainable parameter and
+    every buffer of ``module`` (a classifier the LightningModule holds beside ``self.model``: what training
+    changes there; frozen parameters come back from ``__init__``)."""
     keys: list[str] = []
+    owners: list[str] = []
     for name, sub in module.named_modules():
-        if "lorafa_config" in vars(sub) and not any(key.startswith(f"{name}.") for key in keys):
+        if "lorafa_config" in vars(sub) and not any(name == o or name.startswith(f"{o}.") for o in owners):
             keys += adapter_keys(sub, f"{name}." if name else "")
+            owners.append(name)
+    if owners and "" not in owners:
+        roots = tuple(f"{owner}." for owner in owners)
+        keys += [
+            key
+            for key, tensor in module.state_dict(keep_vars=True).items()
+            if not key.startswith(roots) and (not isinstance(tensor, nn.Parameter) or tensor.requires_grad)
+        ]
     return keys
 
 
@@ -387,17 +399,15 @@ def load_from_checkpoint(
     model = _compat.uncompiled(owner)
     if getattr(model, "lorafa_config", None) is None:
         apply_lorafa(model, **config.adapter_kwargs())
-    prefix = next(f"{name}." if name else "" for name, sub in module.named_modules() if sub is model)
     saved = checkpoint["state_dict"]
     saved.pop(ADAPTER_ONLY_MARKER, None)
-    state = {key[len(prefix) :]: value for key, value in saved.items() if key.startswith(prefix)}
-    own = model.state_dict()
+    own = module.state_dict()
     source = f"The checkpoint {checkpoint_path}"
-    check_vocabulary(state, own, source, embedding_keys(model))
-    expected = {k: own[k] for k in adapter_keys(model)}
-    given = {k: v for k, v in state.items() if k in expected or k.endswith((".lora_A", ".lora_B"))}
+    check_vocabulary(saved, own, source, embedding_keys(module))
+    expected = {key: own[key] for key in module_adapter_keys(module)}
+    given = {key: value for key, value in saved.items() if key in expected or key.endswith((".lora_A", ".lora_B"))}
     check_adapter_state(expected, given, source, config.r)
-    model.load_state_dict({key: value for key, value in state.items() if key in own}, strict=False)
+    module.load_state_dict({key: value for key, value in saved.items() if key in own}, strict=False)
     return module
 
 

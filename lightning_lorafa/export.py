@@ -45,6 +45,7 @@ from lightning_lorafa.checkpoint import (
     check_adapter_state,
     check_vocabulary,
     embedding_keys,
+    module_adapter_keys,
 )
 from lightning_lorafa.convert import apply_lorafa, get_lorafa_config
 from lightning_lorafa.merge import merged_state_dict
@@ -223,6 +224,14 @@ def build_trained_model(
     check_vocabulary(given, own, f"The checkpoint {ckpt_path}", embedding_keys(model))
     check_adapter_state(expected, adapter, f"The checkpoint {ckpt_path}", get_lorafa_config(model).r)
     model.load_state_dict({key: value for key, value in given.items() if key in own}, strict=False)
+    outside = [key for key in module_adapter_keys(module) if not key.startswith(prefix)] if prefix else []
+    if outside:
+        log.warning(
+            "LoRA-FA export: %s trained %s beside its model %s; the export holds the model only.",
+            type(module).__name__,
+            ", ".join(outside[:8]) + (" ..." if len(outside) > 8 else ""),
+            prefix.rstrip("."),
+        )
     return model.eval(), name
 
 

@@ -255,3 +255,68 @@ def test_parameters_held_by_a_wrapper_itself_are_named_as_frozen():
                       r"pretrained model and outside any module modules_to_save could name, so they stay frozen"):
         apply_lorafa(model, r=4)
     assert not model.temperature.requires_grad and model.head.weight.requires_grad
+
+
+class BackboneAndHead(pl.LightningModule):
+    """``self.model`` is the pretrained backbone the callback converts; the head sits beside it, outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_bert()
+        self.classifier = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Linear(32, 2))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.model(input_ids=input_ids).last_hidden_state[:, 0])
+
+    def training_step(self, batch, batch_idx):
+        (input_ids,) = batch
+        return F.cross_entropy(self(input_ids), input_ids[:, 0] % 2)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_a_head_beside_the_converted_model_travels_with_the_adapter(tmp_path):
+    torch.manual_seed(0)
+    module = BackboneAndHead()
+    trainer = fit(tmp_path, module)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    state = torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"]
+    head = {f"classifier.{key}" for key in module.classifier.state_dict()}
+    assert {key for key in state if key.startswith("classifier.")} == head
+    assert not any(k.startswith("model.") and not k.endswith(("lora_A", "lora_B")) for k in state)
+    input_ids = torch.randint(3, VOCAB, (3, 8), generator=torch.Generator().manual_seed(1))
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(load_from_checkpoint(BackboneAndHead, tmp_path / "run.ckpt").eval()(input_ids),
+                           module(input_ids))
+    torch.manual_seed(5)  # another head: the resume must bring back the trained one
+    resumed = BackboneAndHead()
+    pl.Trainer(max_steps=4, callbacks=[LoraFA(r=8)], logger=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False).fit(
+        resumed, data(), ckpt_path=tmp_path / "run.ckpt")
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(resumed(input_ids), module(input_ids))  # 4 of 4 steps done already: nothing trained
+
+
+def test_optimizers_stepped_after_separate_backward_passes_raise_no_false_warning(tmp_path):
+    """A GAN-like loop: the head's optimizer steps after a backward pass that reaches only the head, then the
+    backbone's after its own; each optimizer's B's are checked when it steps."""
+
+    class Alternating(Classifier):
+        def training_step(self, batch, batch_idx):
+            (input_ids,) = batch
+            backbone_opt, head_opt = self.optimizers()
+            features = self.backbone(input_ids=input_ids).last_hidden_state[:, 0]
+            self.manual_backward(F.cross_entropy(self.linear(features.detach()), input_ids[:, 0] % 2))
+            head_opt.step()
+            head_opt.zero_grad()
+            self.manual_backward(features.square().mean())
+            backbone_opt.step()
+            backbone_opt.zero_grad()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, Alternating(manual=True), steps=4)
+    assert not [str(w.message) for w in caught if "LoRA-FA" in str(w.message)]
