@@ -52,9 +52,10 @@ import torch
 from jsonargparse import CLI
 from torch import nn
 
-from lightning_lorafa import LoraFASettings, create_lorafa_optimizer, lorafa_layers, prepare_model
-from lightning_lorafa.init import initialize_lora_A
-from lightning_lorafa.memory import measure_saved_activations
+from lightning_lorafa import LoraFASettings, create_lorafa_optimizer, prepare_model
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.adapters.initialization import draw_lora_A
+from lightning_lorafa.profiling import measure_saved_activations
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -357,7 +358,8 @@ def build(method: str, model: nn.Module, task: Task, r: int, lr: float, lora_dro
                 layer.lora_A.copy_(vh[:r] if variant.init_a == "principal" else vh[-r:])
     elif variant.init_a is not None:
         for layer in lorafa_layers(model).values():
-            initialize_lora_A(layer, layer.seed, variant.init_a)
+            with torch.no_grad():
+                layer.lora_A.copy_(draw_lora_A(layer.r, layer.in_features, layer.seed, variant.init_a))
     if variant.train_norms_and_biases:
         for name, param in model.named_parameters():
             owner = name.rpartition(".")[0].rpartition(".")[2].lower()  # the module holding it

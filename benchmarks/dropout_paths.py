@@ -3,7 +3,7 @@
     python benchmarks/dropout_paths.py                      # CPU, float32
     python benchmarks/dropout_paths.py --device cuda        # GPU, bfloat16
 
-``seeded_dropout`` takes one of two paths (``lightning_lorafa.dropout.apply_seeded_mask``): "mask + product"
+``seeded_dropout`` takes one of two paths (``lightning_lorafa.adapters.dropout.apply_seeded_mask``): "mask + product"
 builds the mask (one Triton mask kernel on CUDA) and multiplies with one ATen op whose saved mask autograd keeps
 as its seed (no Python autograd node); "fused" is a Python ``autograd.Function`` around the ``dropout_mul`` kernel,
 which masks and scales in one pass each way (on CPU: mask, product, in-place scale). Eager tensors of
@@ -29,8 +29,8 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_speed import _write, machine_name  # noqa: E402
 
-from lightning_lorafa import dropout  # noqa: E402
-from lightning_lorafa.kernels import draw_seed, keep_scale  # noqa: E402
+from lightning_lorafa.adapters import dropout
+from lightning_lorafa.adapters.dropout_masks import draw_seed, keep_scale
 
 PATHS = ("nn.Dropout", "mask + product", "fused")
 DTYPES = ("float32", "bfloat16", "float16")

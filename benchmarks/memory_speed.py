@@ -48,7 +48,7 @@ from transformers import (
 )
 
 from lightning_lorafa import LoraFASettings, create_lorafa_optimizer, prepare_model
-from lightning_lorafa.memory import measure_saved_activations, measure_step
+from lightning_lorafa.profiling import measure_saved_activations, measure_step
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -519,7 +519,7 @@ def prepare_experts_only(block: nn.Module, r: int, lora_dropout: float) -> nn.Mo
     import copy
 
     from lightning_lorafa import apply_lorafa
-    from lightning_lorafa.prepare import keep_dropout_seeds
+    from lightning_lorafa.model.dropouts import keep_dropout_seeds
 
     ours = copy.deepcopy(block).train()
     apply_lorafa(ours, r=r, alpha=2 * r, dropout=lora_dropout, target_modules=["experts"])

@@ -298,8 +298,8 @@ def saved_bytes(name: str) -> tuple[int, int]:
     prepares the model, PEFT LoRA all-linear with ``lora_dropout=0.1``; 0 on MoE models, where PEFT's experts
     wrapper refuses dropout)."""
     from lightning_lorafa import apply_lorafa
-    from lightning_lorafa.memory import measure_saved_activations
-    from lightning_lorafa.prepare import keep_dropout_seeds
+    from lightning_lorafa.model.dropouts import keep_dropout_seeds
+    from lightning_lorafa.profiling import measure_saved_activations
 
     arch = ARCHS[name]
     batch = arch.batch()
@@ -315,7 +315,7 @@ def saved_bytes(name: str) -> tuple[int, int]:
 
 def table(names: list[str] | None = None) -> str:
     """Markdown rows: architecture, layers adapted by ours and by PEFT, saved bytes ours / PEFT LoRA at dropout 0.1."""
-    from lightning_lorafa import find_target_modules
+    from lightning_lorafa.model.select import find_target_modules
 
     header = (
         "| architecture | layers adapted (ours) | layers adapted (PEFT LoRA) | saved bytes, ours / PEFT LoRA "
@@ -335,7 +335,7 @@ def kept_masks(name: str) -> str:
     whose code calls ``torch.nn.functional.dropout`` inline, and those calling ``scaled_dot_product_attention`` with
     a dropout in attention of their own."""
     from lightning_lorafa import apply_lorafa
-    from lightning_lorafa.prepare import keep_dropout_seeds
+    from lightning_lorafa.model.dropouts import keep_dropout_seeds
 
     model = build(name, DROPOUT).train()
     apply_lorafa(model, r=4, alpha=8, dropout=DROPOUT)

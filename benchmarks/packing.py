@@ -31,9 +31,9 @@ import torch
 from jsonargparse import CLI
 
 from lightning_lorafa import apply_lorafa, create_lorafa_optimizer
-from lightning_lorafa.attention import set_attention_implementation
-from lightning_lorafa.dropout import replace_dropout
-from lightning_lorafa.memory import measure_saved_activations
+from lightning_lorafa.model.attention import set_attention_implementation
+from lightning_lorafa.model.dropouts import replace_dropout
+from lightning_lorafa.profiling import measure_saved_activations
 from lightning_lorafa.tasks import InstructionDataModule, InstructionTuner
 
 ROOT = Path(__file__).resolve().parents[1]

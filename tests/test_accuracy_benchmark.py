@@ -278,8 +278,7 @@ def test_peft_lorafa_fp32_runs_peft_step_without_its_bf16_autocast(monkeypatch):
 
 def test_the_run_seed_draws_our_A():
     """Each seed is a new draw of everything random, A included (PEFT's A comes from the seeded global generator)."""
-    from lightning_lorafa.convert import layer_seed
-    from lightning_lorafa.init import draw_lora_A
+    from lightning_lorafa.adapters.initialization import draw_lora_A, layer_seed
 
     task = accuracy.SST2(max_length=16)
     drawn = {}

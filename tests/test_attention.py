@@ -11,17 +11,17 @@ import torch
 from conftest import VOCAB, TwoLayerNet, falcon_calls_the_attention_interface, tiny_llama, tiny_roberta, tiny_t5
 from torch import nn
 
-from lightning_lorafa.attention import (
+from lightning_lorafa.adapters.dropout_masks import draw_seed, dropout_mul
+from lightning_lorafa.adapters.seeded_attention import _RecomputedDropoutAttention
+from lightning_lorafa.model.attention import (
     RECOMPUTED_DROPOUT_EAGER,
     RECOMPUTED_DROPOUT_SDPA,
-    _RecomputedDropoutAttention,
     recomputed_dropout_eager,
     set_attention_implementation,
     use_seeded_dropout_attention,
 )
-from lightning_lorafa.kernels import draw_seed, dropout_mul
-from lightning_lorafa.memory import measure_saved_activations
-from lightning_lorafa.prepare import keep_dropout_seeds
+from lightning_lorafa.model.dropouts import keep_dropout_seeds
+from lightning_lorafa.profiling import measure_saved_activations
 
 BUILDERS = {"roberta": tiny_roberta, "t5": tiny_t5, "llama": tiny_llama}
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -31,7 +31,7 @@ HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 def test_auto_picks_sdpa_on_cpu_and_logs_it(name, caplog):
     model = BUILDERS[name]()
     model.set_attn_implementation("eager")
-    with caplog.at_level(logging.INFO, logger="lightning_lorafa.attention"):
+    with caplog.at_level(logging.INFO, logger="lightning_lorafa.model.attention"):
         assert set_attention_implementation(model, "auto") == "sdpa"
     assert model.config._attn_implementation == "sdpa"
     assert "attention implementation: sdpa" in caplog.text

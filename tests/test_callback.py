@@ -7,8 +7,9 @@ import torch
 from conftest import VOCAB, tiny_roberta
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lorafa import LoraFA, LoraFAOptimizer, apply_lorafa, convert_before_sharding, lorafa_layers
-from lightning_lorafa.checkpoint import ADAPTER_ONLY_MARKER
+from lightning_lorafa import LoraFA, LoraFAOptimizer, apply_lorafa, convert_before_sharding
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.lightning.checkpoints import ADAPTER_ONLY_MARKER
 
 
 class Classifier(pl.LightningModule):

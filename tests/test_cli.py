@@ -17,9 +17,9 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lightning_lorafa import AtomicCheckpointIO, LoraFA
-from lightning_lorafa.checkpoint import ADAPTER_ONLY_MARKER
-from lightning_lorafa.cli import main
+from lightning_lorafa.lightning.checkpoints import ADAPTER_ONLY_MARKER
 from lightning_lorafa.tasks import GLUE_TASKS
+from lightning_lorafa.tasks.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "distributed")

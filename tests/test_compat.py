@@ -84,7 +84,7 @@ CHECK = {
     # the seed-kept dropout runs as an autograd.Function: same values and gradient as with the hooks
     "saved_tensors_hooks": """
 import torch
-from lightning_lorafa.dropout import seeded_dropout
+from lightning_lorafa.adapters.dropout import seeded_dropout
 x = torch.randn(64, 16, requires_grad=True)
 torch.manual_seed(3); y = seeded_dropout(x, 0.5)
 assert type(y.grad_fn).__name__ == "_SeededDropoutBackward", type(y.grad_fn).__name__
@@ -94,7 +94,7 @@ assert torch.equal(x.grad, (y != 0).float() * 2.0)
     # the CPU attention's backward from public ops: gradients as autograd's through a stored-mask reference
     "softmax_backward": """
 import torch
-from lightning_lorafa.attention import _RecomputedDropoutAttention
+from lightning_lorafa.adapters.seeded_attention import _RecomputedDropoutAttention
 q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
 assert torch.autograd.gradcheck(
     lambda q, k, v: _RecomputedDropoutAttention.apply(q, k, v, None, None, 0.5, 0.0, torch.tensor(1)), (q, k, v)
@@ -104,7 +104,7 @@ assert torch.autograd.gradcheck(
     "sdpa_attention": """
 import sys; sys.path.insert(0, "tests")
 from conftest import tiny_roberta
-from lightning_lorafa.prepare import keep_dropout_seeds
+from lightning_lorafa.model.dropouts import keep_dropout_seeds
 model = tiny_roberta(dropout=0.1)
 changed, kept, _ = keep_dropout_seeds(model)
 assert model.config._attn_implementation == "sdpa" and changed
@@ -114,7 +114,8 @@ assert "SDPA attention function is missing" in next(iter(kept.values())), kept
     "save_pretrained_merged": """
 import sys; sys.path.insert(0, "tests")
 from conftest import tiny_llama
-from lightning_lorafa import apply_lorafa, merge
+from lightning_lorafa import apply_lorafa
+from lightning_lorafa.model import merge
 model = tiny_llama()
 apply_lorafa(model, r=4)
 assert merge.fold_on_save_pretrained(model) == [] and not merge._save_hooks

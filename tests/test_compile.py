@@ -8,8 +8,9 @@ import torch
 from conftest import VOCAB, tiny_llama, tiny_roberta
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lorafa import LoraFA, lorafa_layers
-from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA
+from lightning_lorafa import LoraFA
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.model.attention import RECOMPUTED_DROPOUT_SDPA
 
 
 class Tuned(pl.LightningModule):
@@ -135,7 +136,7 @@ def test_a_compiled_model_exports_saves_loads_and_merges_like_the_plain_one(tmp_
     from safetensors.torch import load_file
 
     from lightning_lorafa import export_peft, load_adapter, load_from_checkpoint, merge_lorafa, save_adapter
-    from lightning_lorafa.merge import merged_state_dict
+    from lightning_lorafa.model.merge import merged_state_dict
 
     tiny_roberta().save_pretrained(tmp_path / "base")
     module = CompiledClassifier(str(tmp_path / "base"))
@@ -176,7 +177,7 @@ def test_a_compiled_model_exports_saves_loads_and_merges_like_the_plain_one(tmp_
     with torch.no_grad():
         assert torch.equal(restored.model._orig_mod.eval()(input_ids=ids).logits, expected)
 
-    from lightning_lorafa.export import build_trained_model
+    from lightning_lorafa.tasks.export import build_trained_model
 
     config = {
         "model": {"class_path": "test_compile.CompiledClassifier",

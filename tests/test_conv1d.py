@@ -16,13 +16,13 @@ from lightning_lorafa import (
     apply_lorafa,
     count_parameters,
     export_peft,
-    find_target_modules,
     load_adapter,
-    lorafa_layers,
     merge_lorafa,
     save_adapter,
 )
-from lightning_lorafa.memory import measure_saved_activations
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.model.select import find_target_modules
+from lightning_lorafa.profiling import measure_saved_activations
 
 GPT2_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
@@ -143,7 +143,7 @@ class GatedNet(nn.Module):
 
 def test_all_linear_skips_layers_narrower_than_r_and_logs_them(caplog):
     model = GatedNet()
-    with caplog.at_level(logging.INFO, logger="lightning_lorafa.convert"):
+    with caplog.at_level(logging.INFO, logger="lightning_lorafa.model.select"):
         names = apply_lorafa(model, r=4, modules_to_save=[])  # down, its output layer, would train fully by default
     assert names == ["up", "down"] and type(model.gate) is nn.Linear
     assert "all-linear leaves gate (16 -> 1) out: a gate narrower than r=4" in caplog.text

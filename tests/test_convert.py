@@ -3,8 +3,10 @@ import torch
 from conftest import TwoLayerNet, randomize_lora_B, tiny_llama, tiny_roberta, tiny_t5
 from torch import nn
 
-from lightning_lorafa import LoraFALinear, apply_lorafa, count_parameters, find_target_modules, merge_lorafa
-from lightning_lorafa.convert import layer_seed, lorafa_layers
+from lightning_lorafa import LoraFALinear, apply_lorafa, count_parameters, merge_lorafa
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.adapters.initialization import layer_seed
+from lightning_lorafa.model.select import find_target_modules
 
 
 def b_parameter_count(model, names, r):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lightning_lorafa import LoraFALinear
-from lightning_lorafa.attention import recomputed_dropout_sdpa
-from lightning_lorafa.dropout import RecomputedDropout
+from lightning_lorafa.adapters.dropout import RecomputedDropout
+from lightning_lorafa.model.attention import recomputed_dropout_sdpa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 

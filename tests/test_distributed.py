@@ -19,21 +19,12 @@ from conftest import TwoLayerNet, tiny_llama, tiny_roberta
 from distributed_worker import EPOCHS, LR, Classifier, data, trained_tensors
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-from lightning_lorafa import (
-    LoraFA,
-    LoraFAOptimizer,
-    apply_lorafa,
-    create_lorafa_optimizer,
-    lorafa_layers,
-    transformer_block_classes,
-)
-from lightning_lorafa.checkpoint import ADAPTER_ONLY_MARKER
-from lightning_lorafa.distributed import (
-    check_not_sharded,
-    check_resume_supported,
-    prepare_for_strategy,
-)
-from lightning_lorafa.optim import keep_trainable_only
+from lightning_lorafa import LoraFA, LoraFAOptimizer, apply_lorafa, create_lorafa_optimizer
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.lightning.checkpoints import ADAPTER_ONLY_MARKER
+from lightning_lorafa.lightning.sharding import transformer_block_classes
+from lightning_lorafa.lightning.strategies import check_not_sharded, check_resume_supported, prepare_for_strategy
+from lightning_lorafa.model.optim import keep_trainable_only
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
@@ -275,15 +266,16 @@ def imported_modules(module) -> set[str]:
 
 
 def test_strategy_checks_do_not_depend_on_the_callback():
-    import lightning_lorafa.callback
-    import lightning_lorafa.distributed
-    import lightning_lorafa.sharding
+    import lightning_lorafa.lightning.callback
+    import lightning_lorafa.lightning.sharding
+    import lightning_lorafa.lightning.strategies
 
-    assert "lightning_lorafa.distributed" in imported_modules(lightning_lorafa.callback)
-    assert not {"lightning_lorafa.callback", "lightning_lorafa.sharding"} & imported_modules(
-        lightning_lorafa.distributed
+    callback, strategies = "lightning_lorafa.lightning.callback", "lightning_lorafa.lightning.strategies"
+    assert strategies in imported_modules(lightning_lorafa.lightning.callback)
+    assert not {callback, "lightning_lorafa.lightning.sharding"} & imported_modules(
+        lightning_lorafa.lightning.strategies
     )
-    assert "lightning_lorafa.callback" in imported_modules(lightning_lorafa.sharding)
+    assert callback in imported_modules(lightning_lorafa.lightning.sharding)
 
 
 def test_transformer_block_classes():

@@ -12,12 +12,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lightning_lorafa import LoraFALinear
-from lightning_lorafa import dropout as dropout_module
-from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA, _RecomputedDropoutAttention
-from lightning_lorafa.dropout import RecomputedDropout
-from lightning_lorafa.kernels import draw_seed, dropout_mul, effective_p
-from lightning_lorafa.memory import measure_saved_activations
-from lightning_lorafa.prepare import keep_dropout_seeds
+from lightning_lorafa.adapters import dropout as dropout_module
+from lightning_lorafa.adapters.dropout import RecomputedDropout
+from lightning_lorafa.adapters.dropout_masks import draw_seed, dropout_mul, effective_p
+from lightning_lorafa.adapters.seeded_attention import _RecomputedDropoutAttention
+from lightning_lorafa.model.attention import RECOMPUTED_DROPOUT_SDPA
+from lightning_lorafa.model.dropouts import keep_dropout_seeds
+from lightning_lorafa.profiling import measure_saved_activations
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
@@ -94,7 +95,7 @@ def test_dropout_mul_is_a_seeded_unbiased_dropout_mask(device, p):
 def test_recomputed_dropout_saves_its_seed_where_nn_dropout_saves_its_mask():
     x = torch.randn(8, 16, 32, requires_grad=True)
     ours = measure_saved_activations(lambda: RecomputedDropout(0.1).train()(x))
-    assert ours.by_op == {"seeded_dropout": 8}  # one int64 seed
+    assert ours.by_op == {"dropout seed": 8}  # one int64 seed
     stored = measure_saved_activations(lambda: nn.Dropout(0.1).train()(x))
     assert stored.total_bytes == x.numel() * x.element_size()  # on CPU, nn.Dropout keeps a float mask
 
@@ -228,9 +229,9 @@ def test_no_saved_tensor_is_a_dropout_mask_after_replace_dropout():
     after = saved(model)
     assert "dropout" not in after.by_op
     kept_by = {"_RecomputedDropoutAttention", "layer_norm", "linear", "gelu", "embedding", "tanh", "cross_entropy"}
-    kept_by.add("seeded_dropout")
+    kept_by.add("dropout seed")
     assert {t.op for t in after.tensors} <= kept_by
-    assert all(t.nbytes == 8 for t in after.tensors if t.op == "seeded_dropout")  # a seed each, no mask
+    assert all(t.nbytes == 8 for t in after.tensors if t.op == "dropout seed")  # a seed each, no mask
     assert after.total_bytes < before.total_bytes
 
 

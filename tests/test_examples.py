@@ -34,7 +34,8 @@ def test_fabric_example_trains_like_the_lightning_callback(tmp_path: Path) -> No
     from conftest import VOCAB, tiny_roberta
     from lightning.fabric import Fabric
 
-    from lightning_lorafa import LoraFA, LoraFASettings, lorafa_layers
+    from lightning_lorafa import LoraFA, LoraFASettings
+    from lightning_lorafa.adapters.find import lorafa_layers
 
     fabric_example = runpy.run_path(str(ROOT / "examples" / "fabric.py"))
     generator = torch.Generator().manual_seed(0)

@@ -19,9 +19,10 @@ from tiny_checkpoints import write_alpaca_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_lorafa import LoraFA, apply_lorafa, merge_lorafa
-from lightning_lorafa.cli import console_main, main
-from lightning_lorafa.export import export, merged_state_dict, read_config
+from lightning_lorafa.model.merge import merged_state_dict
 from lightning_lorafa.tasks import FitReport, InstructionDataModule, InstructionTuner
+from lightning_lorafa.tasks.cli import console_main, main
+from lightning_lorafa.tasks.export import export, read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MMLU = str(ROOT / "data" / "mmlu")
@@ -156,7 +157,7 @@ def test_adapter_trained_over_a_4bit_base_is_merged_into_the_full_precision_base
     cli = main(["fit", "--config", str(path), "--trainer.default_root_dir", str(tmp_path)])
     assert type(cli.model.model.model.layers[0].self_attn.q_proj.base).__name__ == "Linear4bit"
     cli.trainer.save_checkpoint(tmp_path / "nf4.ckpt")
-    with caplog.at_level("WARNING", logger="lightning_lorafa.export"):
+    with caplog.at_level("WARNING", logger="lightning_lorafa.tasks.export"):
         export([str(path)], str(tmp_path / "nf4.ckpt"), str(tmp_path / "merged"))
     assert "trained over a quantized (nf4) base; the adapter is merged into the full-precision base" in caplog.text
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
@@ -225,7 +226,7 @@ def test_a_checkpoint_carrying_a_pickled_call_is_refused_by_lorafa_export(fitted
     checkpoint["hyper_parameters"]["note"] = Payload()
     torch.save(checkpoint, tmp_path / "poisoned.ckpt")
     args = ["--config", str(fitted_run["config"]), "--ckpt_path", str(tmp_path / "poisoned.ckpt"), "--format", "peft"]
-    from lightning_lorafa.export import main as export_main
+    from lightning_lorafa.tasks.export import main as export_main
 
     with pytest.raises(ValueError, match=r"poisoned\.ckpt holds objects that weights-only loading refuses \(.*GLOBAL "
                        r"posix\.system.*pass weights_only=False \(`lorafa export --no-weights_only`\)"):

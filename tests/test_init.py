@@ -5,10 +5,11 @@ import torch
 from conftest import VOCAB, randomize_lora_B, tiny_roberta
 from test_callback import Classifier, data, trainer
 
-from lightning_lorafa import LoraFA, apply_lorafa, export_peft, load_adapter, lorafa_layers, save_adapter
-from lightning_lorafa.convert import layer_seed
-from lightning_lorafa.init import draw_lora_A, initialize_lora_A
-from lightning_lorafa.layer import LoraFALinear, correction_matrix
+from lightning_lorafa import LoraFA, apply_lorafa, export_peft, load_adapter, save_adapter
+from lightning_lorafa.adapters.correction import correction_matrix
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.adapters.initialization import draw_lora_A, layer_seed
+from lightning_lorafa.adapters.linear import LoraFALinear
 
 
 def test_kaiming_draw_is_the_layers_own_A():
@@ -57,10 +58,11 @@ def test_bad_init_a_is_refused_before_anything_changes():
         draw_lora_A(8, 4, seed=0, init_a="orthogonal")
 
 
-def test_initialize_lora_A_overwrites_in_place():
-    layer = LoraFALinear(torch.nn.Linear(12, 6), r=3, alpha=6, seed=1)
+def test_reset_parameters_redraws_A_in_place_from_the_layers_seed():
+    layer = LoraFALinear(torch.nn.Linear(12, 6), r=3, alpha=6, seed=9, init_a="orthogonal")
     buffer = layer.lora_A
-    initialize_lora_A(layer, seed=9, init_a="orthogonal")
+    buffer.zero_()
+    layer.reset_parameters()
     assert layer.lora_A is buffer
     assert torch.equal(buffer, draw_lora_A(3, 12, 9, "orthogonal"))
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lorafa import LoraFALinear, kernels
-from lightning_lorafa.dropout import RecomputedDropout
-from lightning_lorafa.kernels import (
+from lightning_lorafa import LoraFALinear
+from lightning_lorafa.adapters import dropout_masks as kernels
+from lightning_lorafa.adapters.dropout import RecomputedDropout
+from lightning_lorafa.adapters.dropout_masks import (
     BACKEND_VARIABLE,
     draw_seed,
     dropout_backend,

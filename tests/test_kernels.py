@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lorafa import LoraFALinear, kernels
-from lightning_lorafa.kernels import (
+from lightning_lorafa import LoraFALinear
+from lightning_lorafa.adapters import dropout_masks as kernels
+from lightning_lorafa.adapters.dropout_masks import (
     SMALL_MASK,
     draw_seed,
     dropout_mask,
@@ -182,8 +183,8 @@ def test_cuda_layer_rebuilds_the_forward_mask_in_backward():
 def test_cuda_fused_and_split_dropout_paths_give_the_same_values(dtype, monkeypatch):
     """Large CUDA tensors take the fused kernel, small ones the mask kernel and an ATen product: bit-equal."""
     pytest.importorskip("triton")
-    from lightning_lorafa import dropout as dropout_module
-    from lightning_lorafa.dropout import RecomputedDropout
+    from lightning_lorafa.adapters import dropout as dropout_module
+    from lightning_lorafa.adapters.dropout import RecomputedDropout
 
     x = torch.randn(33, 1001, device="cuda", dtype=dtype, requires_grad=True)
     results = []

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from lightning_lorafa import LoraFALinear
-from lightning_lorafa.kernels import draw_seed, dropout_mul, keep_scale
-from lightning_lorafa.layer import add_lora_fa_branch
-from lightning_lorafa.memory import measure_saved_activations
+from lightning_lorafa.adapters.base import add_lora_fa_branch
+from lightning_lorafa.adapters.dropout_masks import draw_seed, dropout_mul, keep_scale
+from lightning_lorafa.profiling import measure_saved_activations
 
 
 def make_layer(d_in=12, d_out=10, r=4, alpha=8.0, bias=True, dropout=0.0, dtype=torch.float32, seed=3):
@@ -174,7 +174,7 @@ def test_merge_unmerge_round_trip():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"r": 0}, "r must be a positive integer"),
+        ({"r": 0}, r"LoraFALinear\(r=0\): r must be >= 1"),
         ({"r": 13}, "exceeds min"),
         ({"alpha": 0}, "alpha must be > 0"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
@@ -245,6 +245,6 @@ def test_scaled_A_is_a_weight_copy_kept_per_train_and_eval_scale():
     layer.eval()(x)
     assert set(layer._scaled_A) == {(torch.float32, train_scale), (torch.float32, layer.scaling)}
     assert layer.scaled_lora_A(torch.float32, train_scale) is layer._scaled_A[(torch.float32, train_scale)][2]
-    report = measure_saved_activations(lambda: layer.train()(x).sum())  # no module given: still a weight
+    report = measure_saved_activations(lambda: layer.train()(x).sum(), module=layer)  # its copies are weights
     assert sorted(t.shape for t in report.tensors if t.is_weight) == [(4, 10), (12, 4), (12, 10)]  # B^T, A'^T, W^T
     assert sorted(t.shape for t in report.tensors if not t.is_weight) == [(), (4, 4)]  # the seed and h

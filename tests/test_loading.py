@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerFast
 
 from lightning_lorafa import LoraFA, load_from_checkpoint
-from lightning_lorafa.safe_load import load_sharded, read_sharded_state
+from lightning_lorafa.model.safe_load import load_sharded, read_sharded_state
 
 
 class Payload:

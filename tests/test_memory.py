@@ -8,8 +8,8 @@ from conftest import VOCAB, tiny_roberta
 from torch import nn
 
 from lightning_lorafa import apply_lorafa
-from lightning_lorafa.memory import SavedActivationRecorder, measure_saved_activations, measure_step
-from lightning_lorafa.prepare import keep_dropout_seeds
+from lightning_lorafa.model.dropouts import keep_dropout_seeds
+from lightning_lorafa.profiling import SavedActivationRecorder, measure_saved_activations, measure_step
 
 
 def test_mlp_saved_bytes_are_exact_and_weights_apart():
@@ -97,8 +97,8 @@ def test_lorafa_dropout_costs_no_activation_memory():
     assert saved[0.1].total_bytes == saved[0.0].total_bytes + seeds > seeds
     assert "dropout" not in saved[0.1].by_op
     h = 4 * 16 * 4 * 4 * 2 * 6  # h: (4, 16, r=4) fp32, 6 per layer
-    assert saved[0.0].by_op["add_lora_fa_branch"] == h
-    assert saved[0.1].by_op["add_lora_fa_branch"] == h + seeds
+    assert saved[0.0].by_op["lora_fa_branch"] == saved[0.1].by_op["lora_fa_branch"] == h
+    assert saved[0.1].by_op["dropout seed"] - saved[0.0].by_op.get("dropout seed", 0) == seeds
 
 
 def test_measure_step_on_cpu_reports_no_peak_memory():

@@ -12,8 +12,9 @@ import torch
 from conftest import falcon_calls_the_attention_interface, randomize_lora_B
 from torch.utils.data import DataLoader
 
-from lightning_lorafa import LoraFA, apply_lorafa, export_peft, lorafa_experts, lorafa_layers, merge_lorafa
-from lightning_lorafa.experts import is_fused_experts
+from lightning_lorafa import LoraFA, apply_lorafa, export_peft, merge_lorafa
+from lightning_lorafa.adapters.experts import is_fused_experts
+from lightning_lorafa.adapters.find import lorafa_experts, lorafa_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import models_table  # noqa: E402
@@ -177,8 +178,8 @@ def test_own_attention_keeps_masks_only_where_its_code_drops_inline(name):
     tensor of attention shape (B, H, S, S) is kept by a dropout; Falcon's calls scaled_dot_product_attention with
     dropout_p (its CPU path keeps the mask), and that is named."""
     from lightning_lorafa import prepare_model
-    from lightning_lorafa.dropout import RecomputedDropout
-    from lightning_lorafa.memory import measure_saved_activations
+    from lightning_lorafa.adapters.dropout import RecomputedDropout
+    from lightning_lorafa.profiling import measure_saved_activations
 
     model = build(name, 0.1).train()
     done = prepare_model(model, r=4, alpha=8, dropout=0.1, modules_to_save=[])

@@ -16,9 +16,10 @@ from lightning.pytorch.demos import Transformer
 from peft import PeftModel
 from torch import nn
 
-from lightning_lorafa import apply_lorafa, export_peft, load_adapter, lorafa_layers, merge_lorafa, save_adapter
-from lightning_lorafa.merge import merged_state_dict
-from lightning_lorafa.multihead import LoraFAMultiheadAttention
+from lightning_lorafa import apply_lorafa, export_peft, load_adapter, merge_lorafa, save_adapter
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.adapters.multihead import LoraFAMultiheadAttention
+from lightning_lorafa.model.merge import merged_state_dict
 
 E, HEADS = 16, 4
 
@@ -270,7 +271,7 @@ def test_two_processes_train_lightnings_demo_transformer_under_ddp_like_one(tmp_
 def test_backward_keeps_x_A_transposed_not_the_inputs():
     """Above the frozen attention's own saved tensors, the adapters keep exactly h = x A^T (N, L, r) for the
     in-projection and h_o = o A_o^T for out_proj: 2 * N * L * r float32 values, never a (N, L, E) input."""
-    from lightning_lorafa.memory import measure_saved_activations
+    from lightning_lorafa.profiling import measure_saved_activations
 
     frozen = attention(batch_first=True).train()
     frozen.requires_grad_(False)

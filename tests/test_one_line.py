@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertForTokenClassification
 
-from lightning_lorafa import LoraFA, apply_lorafa, export_peft, find_task_heads, load_from_checkpoint, lorafa_layers
+from lightning_lorafa import LoraFA, apply_lorafa, export_peft, load_from_checkpoint
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.model.select import find_task_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +165,7 @@ def test_every_argument_is_checked_and_named(kwargs, error, message):
 
 
 def test_apply_lorafa_names_its_arguments_and_rejects_unknown_ones():
-    with pytest.raises(TypeError, match=r"AdapterSettings\(alpha='32'\): alpha must be a number, got str"):
+    with pytest.raises(TypeError, match=r"LoraFASettings\(alpha='32'\): alpha must be a number, got str"):
         apply_lorafa(tiny_roberta(), alpha="32")
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['rank'\]; its settings are \['r', 'alpha'"):
         apply_lorafa(tiny_roberta(), rank=4)
@@ -208,8 +210,8 @@ def test_resuming_from_a_checkpoint_of_plain_training_says_it_holds_no_adapter(t
 
 def test_a_cli_typo_is_one_line_with_the_closest_options():
     done = subprocess.run(
-        [sys.executable, "-m", "lightning_lorafa.cli", "fit", "--config", "configs/demo.yaml", "--trainer.max_stepz",
-         "3"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [sys.executable, "-m", "lightning_lorafa.tasks.cli", "fit", "--config", "configs/demo.yaml",
+         "--trainer.max_stepz", "3"], capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert done.returncode == 2
     lines = done.stderr.splitlines()

@@ -5,8 +5,9 @@ import torch
 from conftest import TwoLayerNet
 from torch import nn
 
-from lightning_lorafa import LoraFAOptimizer, apply_lorafa, correct_gradient, create_lorafa_optimizer, lorafa_layers
-from lightning_lorafa.optim import correction_matrix
+from lightning_lorafa import LoraFAOptimizer, apply_lorafa, create_lorafa_optimizer
+from lightning_lorafa.adapters.correction import correct_gradient, correction_matrix
+from lightning_lorafa.adapters.find import lorafa_layers
 
 
 def uneven_A(layer, seed=0):

@@ -14,8 +14,9 @@ from tiny_checkpoints import build_tokenizer, write_alpaca_file
 from transformers import AttentionInterface, DataCollatorForSeq2Seq
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lightning_lorafa import LoraFA, apply_lorafa, lorafa_layers
-from lightning_lorafa.attention import RECOMPUTED_DROPOUT_SDPA, register_seeded_dropout_attention
+from lightning_lorafa import LoraFA, apply_lorafa
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.model.attention import RECOMPUTED_DROPOUT_SDPA, register_seeded_dropout_attention
 from lightning_lorafa.tasks import InstructionDataModule, InstructionTuner
 from lightning_lorafa.tasks.packing import (
     PackedCollator,

@@ -15,22 +15,16 @@ import torch
 from conftest import VOCAB, tiny_llama
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lightning_lorafa import (
-    apply_lorafa,
-    create_lorafa_optimizer,
-    load_adapter,
-    lorafa_layers,
-    merge_lorafa,
-    save_adapter,
-)
-from lightning_lorafa.layer import is_quantized
-from lightning_lorafa.memory import measure_saved_activations
-from lightning_lorafa.quantization import (
+from lightning_lorafa import apply_lorafa, create_lorafa_optimizer, load_adapter, merge_lorafa, save_adapter
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.adapters.linear import is_quantized
+from lightning_lorafa.model.quantization import (
     keep_no_quantized_inputs,
     load_quantized_model,
     quantization_config,
     quantization_device,
 )
+from lightning_lorafa.profiling import measure_saved_activations
 
 QUANTIZED_TYPES = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
 R = 4

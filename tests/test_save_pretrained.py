@@ -9,7 +9,8 @@ import torch
 from conftest import VOCAB, randomize_lora_B, tiny_llama, tiny_mixtral, tiny_roberta
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from lightning_lorafa import apply_lorafa, lorafa_layers, merge_lorafa
+from lightning_lorafa import apply_lorafa, merge_lorafa
+from lightning_lorafa.adapters.find import lorafa_layers
 
 FOLDED = r"LoRA-FA: save_pretrained writes \w+ with each adapter folded into its base weight \(W \+ s B A\)"
 

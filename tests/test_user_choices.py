@@ -15,16 +15,10 @@ from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from lightning_lorafa import (
-    LoraFA,
-    LoraFAOptimizer,
-    apply_lorafa,
-    create_lorafa_optimizer,
-    load_from_checkpoint,
-    lorafa_layers,
-)
-from lightning_lorafa.correction import GradientCorrection
-from lightning_lorafa.optim import lora_layers_by_parameter
+from lightning_lorafa import LoraFA, LoraFAOptimizer, apply_lorafa, create_lorafa_optimizer, load_from_checkpoint
+from lightning_lorafa.adapters.correction import GradientCorrection
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.model.optim import lora_layers_by_parameter
 
 STEPS = 6
 

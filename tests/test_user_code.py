@@ -19,15 +19,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel
 
-from lightning_lorafa import (
-    LoraFA,
-    apply_lorafa,
-    attach_gradient_correction,
-    find_task_heads,
-    load_from_checkpoint,
-    lorafa_layers,
-    prepare_model,
-)
+from lightning_lorafa import LoraFA, apply_lorafa, attach_gradient_correction, load_from_checkpoint, prepare_model
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.model.select import find_task_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 

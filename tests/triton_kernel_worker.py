@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from lightning_lorafa import LoraFALinear, kernels
-from lightning_lorafa import dropout as dropout_module
-from lightning_lorafa.dropout import RecomputedDropout
-from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, philox_keep_mask, uses_triton
+from lightning_lorafa import LoraFALinear
+from lightning_lorafa.adapters import dropout as dropout_module
+from lightning_lorafa.adapters import dropout_masks as kernels
+from lightning_lorafa.adapters.dropout import RecomputedDropout
+from lightning_lorafa.adapters.dropout_masks import draw_seed, dropout_mask, dropout_mul, philox_keep_mask, uses_triton
 
 SHAPES = [(1,), (7,), (3, 5), (1024,), (1031,), (3, 70, 101)]  # numel % 8 != 0, % 1024 != 0, several blocks
 SEEDS = [0, 1, 2**31 - 1, 2**32 + 5, 2**62 - 1, 2**62 + 12345, 2**63 - 1]

@@ -31,7 +31,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from lightning_lorafa import _compat
-from lightning_lorafa.attention import pretrained_models
+from lightning_lorafa.model.select import pretrained_models
 
 #: Implementations that find the rows of a packed batch in ``position_ids`` only when it is one flattened row.
 FLASH_PREFIX = "flash_attention"
@@ -127,7 +127,7 @@ def is_packed(batch: dict[str, Any]) -> bool:
 
 def attention_implementation(model: nn.Module) -> str | None:
     """``config._attn_implementation`` of the (outermost) transformers model in ``model``, or None."""
-    found = pretrained_models(model)
+    found = list(pretrained_models(model).values())
     return _compat.attn_implementation(found[0]) if found else None
 
 

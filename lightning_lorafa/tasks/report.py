@@ -13,12 +13,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.distributed.tensor import DTensor
 
-from lightning_lorafa.convert import count_parameters, lorafa_layers
-from lightning_lorafa.export import save_merged
-from lightning_lorafa.layer import is_quantized
-from lightning_lorafa.memory import measure_saved_activations
-from lightning_lorafa.peft_export import export_peft
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.adapters.linear import is_quantized
+from lightning_lorafa.model.convert import count_parameters
+from lightning_lorafa.model.peft_export import export_peft
+from lightning_lorafa.profiling import measure_saved_activations
 from lightning_lorafa.tasks.common import local_path
+from lightning_lorafa.tasks.export import save_merged
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -61,7 +62,7 @@ class FitReport(L.Callback):
     checkpoint in `pl_module.model_name_or_path`, and `pl_module(batch)` returning an output with `.loss`.
 
     With `export_merged`, it also writes the model with the adapter folded in (`W + s B A`) to
-    `{output_dir}/merged` as a plain transformers checkpoint with its tokenizer (`lightning_lorafa.export`),
+    `{output_dir}/merged` as a plain transformers checkpoint with its tokenizer (`lightning_lorafa.tasks.export`),
     loadable by `AutoModelForCausalLM.from_pretrained`, vLLM or TGI. A quantized or sharded (FSDP) model is not
     merged here (the log says so): `lorafa export --format merged` writes it from the checkpoint.
 

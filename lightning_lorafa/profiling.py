@@ -1,10 +1,12 @@
 """Measuring what a training step keeps for backward, and its CUDA peak memory and throughput.
 
 ``SavedActivationRecorder`` sees every tensor autograd saves (``torch.autograd.graph.saved_tensors_hooks``)
-while it is active and labels it with the torch function, or the custom ``autograd.Function``, that saved
-it. Bytes are counted per storage, once: views and tensors saved by several ops share one storage. Weights
-(parameters, their views, and buffers of the ``module`` given) are kept apart in ``weight_bytes``: they
-exist whether or not backward runs, while activations are what training adds.
+while it is active and labels it with the torch function, or the custom ``autograd.Function``, that saved it;
+``lora_fa_branch`` for the products of a LoRA-FA adapter of the ``module`` given (its ``h = x A^T``), ``dropout seed``
+for the seed a seed-kept dropout keeps instead of its mask. Bytes are counted per storage, once: views and tensors
+saved by several ops share one storage. Weights (parameters, their views, and the buffers of the ``module`` given,
+and its adapters' scaled copies of A) are kept apart in ``weight_bytes``: they exist whether or not backward runs,
+while activations are what training adds. The library's layers know nothing of this recorder.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+
+from lightning_lorafa import _compat
+from lightning_lorafa.adapters.base import LoraFAAdapter
 
 
 @dataclass(frozen=True)
@@ -81,35 +86,38 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f}"
 
 
-_weight_copies: dict[int, weakref.ref] = {}  # id -> the tensor, while it lives
-
-
-def register_weight_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """Count ``tensor`` as a weight, not an activation, when autograd saves it (or a view of it): for copies
-    of frozen weights that a layer keeps between steps (a cast or pre-scaled LoRA-FA ``A``). Returns it."""
-    key = id(tensor)
-    _weight_copies[key] = weakref.ref(tensor, lambda _: _weight_copies.pop(key, None))
-    return tensor
-
-
-def _is_weight_copy(tensor: torch.Tensor) -> bool:
-    ref = _weight_copies.get(id(tensor))
-    return ref is not None and ref() is tensor
-
-
 class _CurrentOp(TorchFunctionMode):
-    """Tracks the outermost torch function being called, so pack hooks can name the op that saves."""
+    """Tracks the outermost torch function being called, so pack hooks can name the op that saves. The two
+    products of a LoRA-FA branch are ``lora_fa_branch``: ``F.linear`` with one of ``adapter_weights()`` (an
+    adapter's scaled copy of A, or B) as its weight, and ``F.linear`` of what such a product returned (h)."""
 
-    def __init__(self) -> None:
+    def __init__(self, adapter_weights: Callable[[], set[int]]) -> None:
         super().__init__()
         self.name: str | None = None
+        self.adapter_weights = adapter_weights
+        self._branch_outputs: set[int] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        outer, self.name = self.name, getattr(func, "__name__", str(func)).strip("_")
+        name = getattr(func, "__name__", str(func)).strip("_")
+        branch = func is F.linear and len(args) > 1 and (
+            _storage(args[1]) in self.adapter_weights() or _storage(args[0]) in self._branch_outputs
+        )
+        outer, self.name = self.name, self.name or (BRANCH if branch else name)
         try:
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
         finally:
             self.name = outer
+        if branch:
+            self._branch_outputs.add(_storage(out))
+        return out
+
+
+def _storage(tensor: Any) -> int | None:
+    return tensor.untyped_storage().data_ptr() if isinstance(tensor, torch.Tensor) else None
+
+
+#: The labels of what a LoRA-FA adapter keeps: its branch's products, and a seed-kept dropout's seed.
+BRANCH, SEED = "lora_fa_branch", "dropout seed"
 
 
 def _autograd_function_name() -> str | None:
@@ -126,9 +134,9 @@ def _autograd_function_name() -> str | None:
 class SavedActivationRecorder:
     """Context manager recording the tensors autograd saves for backward inside it.
 
-    ``module``: optional; storages of its parameters and buffers count as weights (parameters, their
-    views and ``register_weight_copy`` tensors are recognised without it; frozen buffers, e.g. a LoRA-FA
-    ``lora_A``, are not).
+    ``module``: optional; storages of its parameters and buffers, and its LoRA-FA adapters' scaled copies of A,
+    count as weights, and its adapters' products are labelled ``lora_fa_branch`` (parameters and their views are
+    recognised as weights without it; frozen buffers, e.g. a LoRA-FA ``lora_A``, are not).
 
     Example::
 
@@ -143,11 +151,18 @@ class SavedActivationRecorder:
 
     def __init__(self, module: nn.Module | None = None) -> None:
         self._weights = set()
+        self._adapters: list[LoraFAAdapter] = []
         if module is not None:
             self._weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+            self._adapters = [m for m in module.modules() if isinstance(m, LoraFAAdapter)]
         self._seen: dict[int, SavedTensor] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-        self._mode = _CurrentOp()
+        self._mode = _CurrentOp(self._adapter_weights)
+
+    def _adapter_weights(self) -> set[int]:
+        """Storages of the adapters' B's and of their scaled copies of A (made in forward, kept between steps)."""
+        tensors = [a.lora_B for a in self._adapters] + [c for a in self._adapters for c in a.weight_copies()]
+        return {t.untyped_storage().data_ptr() for t in tensors}
 
     def __enter__(self) -> SavedActivationRecorder:
         self._seen.clear()
@@ -163,9 +178,11 @@ class SavedActivationRecorder:
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         if key not in self._seen and storage.nbytes() > 0:
-            base = tensor if tensor._base is None else tensor._base
-            is_weight = isinstance(base, nn.Parameter) or key in self._weights or _is_weight_copy(base)
+            base = _compat.tensor_base(tensor)
+            is_weight = isinstance(base, nn.Parameter) or key in self._weights or key in self._adapter_weights()
             op = (self._mode.name or _autograd_function_name()) or "unknown"
+            if tensor.dtype == torch.int64 and tensor.dim() == 0 and op in ("mul", "addcmul"):
+                op = SEED  # what a seed-kept dropout's product saves instead of its mask
             self._seen[key] = SavedTensor(op, tuple(tensor.shape), tensor.dtype, storage.nbytes(), is_weight)
         return tensor
 

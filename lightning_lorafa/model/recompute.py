@@ -23,7 +23,8 @@ from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
 from torch.utils.checkpoint import checkpoint
 
-from lightning_lorafa.layer import LoraFALinear, is_linear
+from lightning_lorafa.adapters.linear import LoraFALinear, is_linear
+from lightning_lorafa.model.select import pretrained_models
 from lightning_lorafa.settings import RECOMPUTE_MODES, Recompute
 
 
@@ -37,8 +38,8 @@ def check_recompute(mode: str) -> None:
 
 
 def _is_linear(module: object) -> bool:
-    # bitsandbytes Linear4bit/8bitLt subclass nn.Linear; transformers' Conv1D is GPT-2's linear
-    return isinstance(module, (nn.Linear, LoraFALinear)) or (isinstance(module, nn.Module) and is_linear(module))
+    """A linear layer, adapted or not (``nn.Linear``, bitsandbytes' subclasses, transformers' ``Conv1D``)."""
+    return isinstance(module, LoraFALinear) or (isinstance(module, nn.Module) and is_linear(module))
 
 
 def _has_linears(module: nn.Module, *names: str) -> bool:
@@ -192,18 +193,6 @@ def recompute_mlps(model: nn.Module) -> list[str]:
     return names
 
 
-def _outermost_pretrained(model: nn.Module) -> dict[str, nn.Module]:
-    from transformers import PreTrainedModel
-
-    tops: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel) and not any(
-            outer == "" or name.startswith(f"{outer}.") for outer in tops
-        ):
-            tops[name] = module
-    return tops
-
-
 def checkpointed_blocks(model: nn.Module) -> list[str]:
     """Dotted names of the transformers blocks of ``model`` whose activation checkpointing is on."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -226,7 +215,7 @@ def recompute_blocks(model: nn.Module) -> list[str]:
         ValueError: ``model`` contains no transformers model that supports activation checkpointing, or its
             MLPs are recomputed already (``recompute_mlps``).
     """
-    tops = {name: m for name, m in _outermost_pretrained(model).items() if m.supports_gradient_checkpointing}
+    tops = {name: m for name, m in pretrained_models(model).items() if m.supports_gradient_checkpointing}
     if not tops:
         raise ValueError(
             f"recompute='block' needs a transformers model that supports activation checkpointing; "

@@ -33,10 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from lightning_lorafa.attention import _RecomputedDropoutAttention
-from lightning_lorafa.init import layer_seed
-from lightning_lorafa.kernels import draw_seed
-from lightning_lorafa.layer import LoraFALinear
+from lightning_lorafa.adapters.dropout_masks import draw_seed
+from lightning_lorafa.adapters.initialization import layer_seed
+from lightning_lorafa.adapters.linear import LoraFALinear
+from lightning_lorafa.adapters.seeded_attention import _RecomputedDropoutAttention
 
 
 def unsupported_reason(attention: nn.MultiheadAttention) -> str | None:

@@ -27,6 +27,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_lorafa import _compat
+
 #: Added to the diagonal of ``A A^T`` before inverting it.
 RIDGE = 1e-8
 
@@ -43,7 +45,7 @@ def correction_matrix(layer: _HasFrozenA, ridge: float = RIDGE) -> torch.Tensor:
 
     For fused MoE experts, A is (E, r, d_in) and the matrix (E, r, r): one per expert."""
     lora_A = layer.lora_A
-    key = (lora_A.device, lora_A._version, lora_A.data_ptr(), ridge, layer.scaling)
+    key = (lora_A.device, _compat.tensor_version(lora_A), lora_A.data_ptr(), ridge, layer.scaling)
     cached = getattr(layer, "_correction_cache", None)
     if cached is None or cached[0] != key:
         a = lora_A.detach().float()

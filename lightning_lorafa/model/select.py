@@ -1,4 +1,16 @@
-"""Finding the linear layers of a model and replacing them by LoRA-FA layers (and back)."""
+"""Which modules of a model LoRA-FA adapts, trains fully, or leaves alone: decided here, once per conversion.
+
+- ``ModuleKinds``: what each module is (a linear layer, fused MoE experts, an ``nn.MultiheadAttention``, a MoE router,
+  or nothing to adapt), found once per module and kept for the conversion;
+- ``find_target_modules``: the modules a target spec selects (``"all-linear"``, a regex, names or suffixes);
+- ``find_heads``: the heads trained fully by default (a transformers task head, a wrapper's own layers beside its
+  pretrained model, a plain torch model's output layer);
+- ``vocabulary_rows``: the token embeddings and the rows of the pretrained vocabulary (resized ones travel with the
+  adapter);
+- ``pretrained_models``: the outermost transformers models inside a model.
+
+What is left out is said by name: in the library's log, or as a warning where it changes what trains.
+"""
 
 from __future__ import annotations
 
@@ -6,62 +18,83 @@ import logging
 import re
 import warnings
 from collections.abc import Collection, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from torch import nn
 
-from lightning_lorafa import _compat
-from lightning_lorafa.experts import (
+from lightning_lorafa.adapters.experts import (
     LoraFAExperts,
     expert_features,
     expert_projections,
     fused_expert_like_parameters,
     is_fused_experts,
 )
-from lightning_lorafa.init import layer_seed
-from lightning_lorafa.layer import LoraFALinear, is_linear, linear_features
-from lightning_lorafa.merge import adapter_modules, fold_on_save_pretrained, stop_folding_on_save_pretrained
-from lightning_lorafa.multihead import (
-    LoraFAMultiheadAttention,
-    allow_the_fast_path,
-    keep_off_the_fast_path,
-    unsupported_reason,
-)
-from lightning_lorafa.router import LoraFARouter, is_router
-from lightning_lorafa.settings import AdapterSettings, Targets, adapter_settings
+from lightning_lorafa.adapters.linear import LoraFALinear, is_linear, linear_features
+from lightning_lorafa.adapters.multihead import LoraFAMultiheadAttention, unsupported_reason
+from lightning_lorafa.adapters.router import LoraFARouter, is_router
+from lightning_lorafa.settings import Targets
 
 log = logging.getLogger(__name__)
 
+LINEAR, EXPERTS, ROUTER, ATTENTION = "linear", "experts", "router", "attention"
+#: The adapter class of each kind of module.
+ADAPTER_CLASSES = {
+    LINEAR: LoraFALinear,
+    EXPERTS: LoraFAExperts,
+    ROUTER: LoraFARouter,
+    ATTENTION: LoraFAMultiheadAttention,
+}
+
+
+class ModuleKinds:
+    """What each module of a model is for LoRA-FA (``LINEAR``, ``EXPERTS``, ``ROUTER``, ``ATTENTION``, or None),
+    decided once per module: ``is_router`` runs a candidate router on a probe token, so it is asked once.
+
+    ``modules``: the model's modules by name, as ``named_modules`` lists them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self._kinds: dict[str, str | None] = {}
+
+    def kind(self, name: str) -> str | None:
+        """The kind of module ``name`` (None: nothing LoRA-FA adapts, or an ``nn.MultiheadAttention`` it cannot)."""
+        if name not in self._kinds:
+            module = self.modules[name]
+            if is_fused_experts(module):
+                kind = EXPERTS
+            elif isinstance(module, nn.MultiheadAttention):
+                kind = ATTENTION if unsupported_reason(module) is None else None
+            elif is_linear(module):
+                kind = LINEAR
+            else:
+                kind = ROUTER if is_router(module) else None
+            self._kinds[name] = kind
+        return self._kinds[name]
+
+    def adapter_class(self, name: str) -> type[nn.Module] | None:
+        """The class that adapts module ``name``, or None when LoRA-FA cannot adapt it."""
+        kind = self.kind(name)
+        return None if kind is None else ADAPTER_CLASSES[kind]
+
+    def features(self, name: str) -> list[tuple[int, int]]:
+        """``(d_in, d_out)`` of each projection an adapter of module ``name`` adds to."""
+        module, kind = self.modules[name], self.kind(name)
+        if kind == EXPERTS:
+            return [expert_features(module, projection) for projection in expert_projections(module)]
+        if kind == ATTENTION:
+            return [LoraFAMultiheadAttention.base_features(module), linear_features(module.out_proj)]
+        if kind == LINEAR:
+            return [linear_features(module)]
+        return [LoraFARouter.base_features(module)]
+
+
 #: Module names treated as output heads: "all-linear" leaves them alone (train them with ``modules_to_save``).
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+
+
 #: Names of the fresh task heads of transformers' task models (sequence/token classification, QA).
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head")
-
-
-@dataclass
-class LoraFAConfig:
-    """What ``apply_lorafa`` did to a model; stored on it as ``model.lorafa_config``."""
-
-    r: int
-    alpha: float
-    dropout: float = 0.0
-    use_rslora: bool = False
-    seed: int = 0
-    init_a: str = "kaiming"  # how A was drawn (lightning_lorafa.init)
-    target_modules: list[str] = field(default_factory=list)  # converted module names, in model order
-    modules_to_save: list[str] = field(default_factory=list)  # fully trained module names
-    # token embedding weights (input, and untied output) -> rows of the pretrained checkpoint: one that has another
-    # number of rows (resize_token_embeddings) is saved with the adapter (``vocabulary_rows``)
-    vocabulary_rows: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def adapter_kwargs(self) -> dict:
-        """``apply_lorafa`` keywords that convert a fresh model exactly like this one (its resolved layer names)."""
-        fields = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "seed", "use_rslora", "init_a")
-        return {name: getattr(self, name) for name in fields}
 
 
 def _as_patterns(spec: Targets) -> tuple[str | None, list[str]]:
@@ -84,7 +117,7 @@ def name_matches(name: str, spec: Targets, names: Collection[str] = ()) -> bool:
     return any(name == n or (n not in names and name.endswith("." + n)) for n in entries)
 
 
-def _is_under(name: str, roots: Iterable[str]) -> bool:
+def is_under(name: str, roots: Iterable[str]) -> bool:
     return any(name == root or name.startswith(root + ".") for root in roots)
 
 
@@ -104,6 +137,7 @@ def find_target_modules(
     exclude: Targets = None,
     r: int | None = None,
     modules_to_save: list[str] | None = None,
+    kinds: ModuleKinds | None = None,
 ) -> list[str]:
     """Names of the modules ``apply_lorafa`` would convert, in ``named_modules`` order.
 
@@ -120,20 +154,23 @@ def find_target_modules(
             ``out_proj`` of an ``nn.MultiheadAttention`` without the module.
         TypeError: a matched module is none of those LoRA-FA adapts (named, with why).
     """
-    linears = [name for name, module in model.named_modules() if is_linear(module)]
-    modules = dict(model.named_modules())
+    kinds = kinds or ModuleKinds(model)
+    modules = kinds.modules
+    linears = [name for name, module in modules.items() if is_linear(module)]
     attentions = {name for name, module in modules.items() if isinstance(module, nn.MultiheadAttention)}
     if target_modules == "all-linear":
         trained = find_heads(model) if modules_to_save is None else modules_to_save
         heads = _output_head_names(model) | set(trained)
-        routers = set(moe_routers(model))
+        routers = set(moe_routers(kinds))
         adaptable = [
-            name for name, module in modules.items() if _is_target(module) or name in routers or name in attentions
+            name
+            for name, module in modules.items()
+            if name in attentions or name in routers or is_linear(module) or is_fused_experts(module)
         ]
-        selected = [name for name in adaptable if not _is_under(name, heads)]
+        selected = [name for name in adaptable if not is_under(name, heads)]
         selected = _through_attention_modules(modules, selected, attentions, explicit=False)
         if r is not None:
-            selected = _skip_narrow_layers(model, selected, r)
+            selected = _skip_narrow_layers(kinds, selected, r)
         candidates = dict.fromkeys(selected)
     else:
         matched = [name for name in modules if name and name_matches(name, target_modules, modules)]
@@ -142,10 +179,10 @@ def find_target_modules(
     if not names:
         raise ValueError(_no_match_message(model, linears, target_modules, exclude))
     wrong = [
-        f"{_path(name)} ({type(modules[name]).__name__}"
+        f"{module_path(name)} ({type(modules[name]).__name__}"
         + (f": {unsupported_reason(modules[name])})" if name in attentions else ")")
         for name in names
-        if _adapter_class(modules[name]) is None
+        if kinds.adapter_class(name) is None
     ]
     if wrong:
         raise TypeError(
@@ -175,10 +212,10 @@ def _through_attention_modules(
         if parent in attentions and name == f"{parent}.out_proj":
             if explicit and parent not in names:
                 raise ValueError(
-                    f"target_modules selects {_path(name)}, the out_proj of nn.MultiheadAttention {_path(parent)}, "
-                    "whose forward reads out_proj.weight directly, so an adapter there would never run. Target the "
-                    f"attention module itself ({parent.rsplit('.', 1)[-1]!r}): LoRA-FA then adapts its q, k, v and "
-                    "out_proj, as PEFT does."
+                    f"target_modules selects {module_path(name)}, the out_proj of nn.MultiheadAttention "
+                    f"{module_path(parent)}, whose forward reads out_proj.weight directly, so an adapter there "
+                    f"would never run. Target the attention module itself ({parent.rsplit('.', 1)[-1]!r}): "
+                    "LoRA-FA then adapts its q, k, v and out_proj, as PEFT does."
                 )
             continue
         if name in unsupported and not explicit:
@@ -188,24 +225,23 @@ def _through_attention_modules(
     if left_out and not explicit:
         warnings.warn(
             "LoRA-FA: all-linear leaves out these nn.MultiheadAttention modules (q, k, v and out_proj stay frozen): "
-            + "; ".join(f"{_path(name)}: {unsupported[name]}" for name in left_out),
+            + "; ".join(f"{module_path(name)}: {unsupported[name]}" for name in left_out),
             stacklevel=4,
         )
     return kept
 
 
-def _skip_narrow_layers(model: nn.Module, names: list[str], r: int) -> list[str]:
+def _skip_narrow_layers(kinds: ModuleKinds, names: list[str], r: int) -> list[str]:
     """``names`` without the gates and routers that a rank-``r`` branch does not fit, each logged with its shape:
     layers whose narrow side is below ``r`` and at most a quarter of the other (Qwen2-MoE's ``shared_expert_gate``,
     hidden -> 1; a router, hidden -> experts). "all-linear" adapts the rest instead of refusing the model; any other
     layer narrower than ``r`` (a k_proj at r above its width) is still refused by ``apply_lorafa``."""
-    modules = dict(model.named_modules())
     kept = []
     for name in names:
-        if is_fused_experts(modules[name]):
+        if kinds.kind(name) == EXPERTS:
             kept.append(name)  # r is checked against each projection in apply_lorafa
             continue
-        d_in, d_out = _target_features(modules[name])[0]
+        d_in, d_out = kinds.features(name)[0]
         narrow, wide = min(d_in, d_out), max(d_in, d_out)
         if narrow < r and 4 * narrow <= wide:
             log.info("LoRA-FA: all-linear leaves %s (%d -> %d) out: a gate narrower than r=%d.", name, d_in, d_out, r)
@@ -230,14 +266,14 @@ def _no_match_message(model: nn.Module, linears: list[str], target_modules: Targ
             )
     example = suffixes[:2] if len(suffixes) >= 2 else suffixes
     more = f" ... ({len(linears) - 40} more)" if len(linears) > 40 else ""
-    shown = f"suffixes {suffixes}, " + ", ".join(_path(name) for name in linears[:40]) + more
+    shown = f"suffixes {suffixes}, " + ", ".join(module_path(name) for name in linears[:40]) + more
     return (
         f"{head}{hint} Its nn.Linear layers are: {shown}. Pass names or suffixes of those (e.g. {example}), "
         "a regex, or 'all-linear'."
     )
 
 
-def _path(name: str) -> str:
+def module_path(name: str) -> str:
     """A module name as users read it: numbered children (``nn.Sequential``, ``nn.ModuleList``) as ``[i]``."""
     if not name:
         return "(the model itself)"
@@ -248,63 +284,35 @@ def _path(name: str) -> str:
     return text
 
 
-def _is_target(module: nn.Module) -> bool:
-    """Whether "all-linear" adapts ``module`` wherever it is: a linear (``nn.Linear``, ``Conv1D``) or a fused experts
-    module (routers only beside experts: ``moe_routers``)."""
-    return is_linear(module) or is_fused_experts(module)
-
-
-def _adapter_class(module: nn.Module) -> type[LoraFALinear] | type[LoraFAExperts] | None:
-    """The class that adapts ``module``, or None when LoRA-FA cannot adapt it."""
-    if is_fused_experts(module):
-        return LoraFAExperts
-    if isinstance(module, nn.MultiheadAttention):
-        return LoraFAMultiheadAttention if unsupported_reason(module) is None else None
-    if is_linear(module):
-        return LoraFALinear
-    return LoraFARouter if is_router(module) else None
-
-
-def moe_routers(model: nn.Module) -> list[str]:
+def moe_routers(kinds: ModuleKinds) -> list[str]:
     """Names of the routers (``is_router``) that sit beside a fused experts module in its MoE block."""
-    modules = dict(model.named_modules())
+    modules = kinds.modules
     found = []
     for name, module in modules.items():
-        if not is_fused_experts(module):
+        if not name or not is_fused_experts(module):
             continue
         parent_name = name.rpartition(".")[0]
-        for child_name, child in (modules[parent_name] if parent_name else model).named_children():
+        for child_name, _ in modules[parent_name].named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if full != name and full not in found and is_router(child):
+            if full != name and full not in found and kinds.kind(full) == ROUTER:
                 found.append(full)
     return found
 
 
-def _target_features(module: nn.Module) -> list[tuple[int, int]]:
-    """``(d_in, d_out)`` of each projection an adapter is added to."""
-    if is_fused_experts(module):
-        return [expert_features(module, name) for name in expert_projections(module)]
-    if isinstance(module, nn.MultiheadAttention):
-        return [LoraFAMultiheadAttention.base_features(module), linear_features(module.out_proj)]
-    if is_linear(module):
-        return [linear_features(module)]
-    return [LoraFARouter.base_features(module)]
-
-
-def _report_moe_parts_left_out(model: nn.Module, names: list[str], save_names: list[str]) -> None:
+def report_moe_parts_left_out(kinds: ModuleKinds, names: list[str], save_names: list[str]) -> None:
     """Log the weights beside the adapted experts that get no adapter (routers not among the targets, or that
     ``is_router`` does not accept; those in ``save_names`` train fully), and warn about 3D parameters that look like
     fused experts of an architecture this library does not recognise."""
-    modules = dict(model.named_modules())
+    modules, model = kinds.modules, kinds.model
     routers = []
     for name in names:
-        if not is_fused_experts(modules[name]):
+        if kinds.kind(name) != EXPERTS:
             continue
         parent_name = name.rpartition(".")[0]
-        parent = modules[parent_name] if parent_name else model
-        for child_name, child in parent.named_children():
+        for child_name, child in modules[parent_name].named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if full in names or _is_target(child) or any(True for _ in child.children()) or full in save_names:
+            adaptable = is_linear(child) or is_fused_experts(child)
+            if full in names or adaptable or any(True for _ in child.children()) or full in save_names:
                 continue
             if isinstance(getattr(child, "weight", None), nn.Parameter):
                 routers.append(full)
@@ -323,134 +331,6 @@ def _report_moe_parts_left_out(model: nn.Module, names: list[str], save_names: l
             + ". Adapt them with PEFT's target_parameters, or ask for the architecture to be supported.",
             stacklevel=3,
         )
-
-
-def lorafa_layers(model: nn.Module) -> dict[str, LoraFALinear]:
-    """The LoRA-FA linear layers of ``model`` by module name, MoE routers (``LoraFARouter``) included (fused experts:
-    ``lorafa_experts``); of a ``torch.compile``d model, those of the model it compiled (no ``_orig_mod.`` in names)."""
-    return {name: m for name, m in _compat.uncompiled(model).named_modules() if isinstance(m, LoraFALinear)}
-
-
-def lorafa_experts(model: nn.Module) -> dict[str, LoraFAExperts]:
-    """The LoRA-FA fused experts modules of ``model`` by module name."""
-    return {name: m for name, m in _compat.uncompiled(model).named_modules() if isinstance(m, LoraFAExperts)}
-
-
-def lorafa_modules(model: nn.Module) -> dict[str, LoraFALinear | LoraFAExperts]:
-    """Every module of ``model`` with a LoRA-FA adapter (linear layers and fused experts), by name, in model order."""
-    return adapter_modules(_compat.uncompiled(model))
-
-
-def apply_lorafa(model: nn.Module, settings: AdapterSettings | None = None, /, **overrides: Any) -> list[str]:
-    """Replace the target ``nn.Linear`` layers of ``model`` (in place) by ``LoraFALinear`` layers, its fused MoE
-    experts modules by ``LoraFAExperts`` (a frozen A_e and a trainable B_e per expert and projection) and its MoE
-    routers by ``LoraFARouter`` (the branch on the router's logits).
-
-    ``apply_lorafa(model, r=8, alpha=32, dropout=0.0, target_modules="all-linear", exclude=None,
-    modules_to_save=None, seed=0, use_rslora=False, init_a="kaiming")``: the keyword arguments are the fields of
-    ``AdapterSettings`` (``lightning_lorafa.settings``, with a help string each); an ``AdapterSettings`` (or a
-    ``LoraFA`` callback) may be passed instead, and keywords override its fields.
-
-    Routers beside adapted experts that get no adapter are logged by name and stay frozen; 3D parameters that look
-    like fused experts of an architecture not recognised get a warning naming them.
-
-    Every parameter is frozen except each layer's ``lora_B`` and the parameters of ``modules_to_save``, which
-    train fully. ``modules_to_save=None`` (the default) trains the model's heads, found from its structure
-    (``find_heads``: a transformers task head, the layers of a wrapper outside its pretrained models, the output
-    linear of a plain torch model; never one tied to the input embeddings), and logs each with why; ``[]`` trains
-    none. A of the layer called ``name`` is
-    drawn from ``layer_seed(seed, name)`` as ``init_a`` says (``lightning_lorafa.init``). The applied settings are
-    stored as ``model.lorafa_config``. A model built on the meta device converts too: ``to_empty`` and each
-    layer's ``reset_parameters()`` then give exactly the adapters of a model built on CPU.
-
-    Returns:
-        The converted module names.
-
-    Raises:
-        TypeError: an argument of the wrong type (named), an unknown keyword, or a target that is not an
-            ``nn.Linear``.
-        ValueError: an argument out of range (named), ``r`` larger than a target's ``min(d_in, d_out)``, no
-            module matches, a ``modules_to_save`` entry matches nothing, or the model is already converted.
-
-    Nothing is changed when an error is raised.
-    """
-    settings = adapter_settings(settings, overrides, "apply_lorafa")
-    model = _compat.uncompiled(model)  # a torch.compile'd model: the model it compiled, converted in place
-    r = settings.r
-    existing = lorafa_modules(model)
-    if existing:
-        config = getattr(model, "lorafa_config", None)
-        with_what = f" with r={config.r}, alpha={config.alpha}" if isinstance(config, LoraFAConfig) else ""
-        raise ValueError(
-            f"{type(model).__name__} already has {len(existing)} LoRA-FA layers{with_what} (e.g. "
-            f"{_path(next(iter(existing)))}). Convert a fresh model, or call merge_lorafa(model) first to fold the "
-            "adapters into plain linears."
-        )
-    if settings.modules_to_save is None:
-        heads = find_heads(model)
-        save_names = list(heads)
-        for name, why in heads.items():
-            log.info(
-                "LoRA-FA: training %s fully and saving it with the adapter: %s (modules_to_save=[...] chooses "
-                "otherwise).",
-                name,
-                why,
-            )
-    else:
-        save_names = _resolve_modules_to_save(model, settings.modules_to_save)
-    target_modules = settings.target_modules
-    found = find_target_modules(model, target_modules, settings.exclude, r, save_names)
-    names = [name for name in found if not _is_under(name, save_names)]
-    if not names:
-        raise ValueError(
-            f"Every module matched by target_modules={target_modules!r} lies inside modules_to_save={save_names}."
-        )
-    modules = dict(model.named_modules())
-    too_small = [
-        f"{_path(name)} ({' -> '.join(map(str, features))})"
-        for name in names
-        for features in _target_features(modules[name])
-        if r > min(features)
-    ]
-    if too_small:
-        raise ValueError(
-            f"r={r} exceeds min(in_features, out_features) of: {', '.join(too_small)}. Choose a smaller r, or leave "
-            "those layers out (exclude=[...])."
-        )
-
-    _report_moe_parts_left_out(model, names, save_names)
-    rows = vocabulary_rows(model, names)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        layer = _adapter_class(modules[name])(
-            modules[name],
-            r,
-            settings.alpha,
-            dropout=settings.dropout,
-            use_rslora=settings.use_rslora,
-            seed=layer_seed(settings.seed, name),
-            init_a=settings.init_a,
-        )
-        setattr(parent, child, layer.train(modules[name].training))  # an eval model stays in eval mode
-
-    for param_name, param in model.named_parameters():
-        param.requires_grad_(param_name.endswith("lora_B") or _is_under(param_name, save_names))
-    _warn_of_frozen_parameters_of_wrappers(model)
-    keep_off_the_fast_path(model)
-    fold_on_save_pretrained(model)
-    model.lorafa_config = LoraFAConfig(
-        r=r,
-        alpha=settings.alpha,
-        dropout=float(settings.dropout),
-        use_rslora=settings.use_rslora,
-        seed=settings.seed,
-        init_a=settings.init_a,
-        target_modules=names,
-        modules_to_save=save_names,
-        vocabulary_rows=rows,
-    )
-    return names
 
 
 def find_task_heads(model: nn.Module) -> list[str]:
@@ -484,7 +364,7 @@ def find_heads(model: nn.Module) -> dict[str, str]:
         return _holds(module, output) or _shares_storage(module, tied)
 
     heads: dict[str, str] = {}
-    pretrained_models = _outermost_pretrained_models(model)
+    pretrained_models = _pretrained_models_with_prefix(model)
     for prefix, pretrained in pretrained_models:
         base = getattr(pretrained, "base_model", pretrained)
         if base is pretrained:
@@ -507,17 +387,17 @@ def find_heads(model: nn.Module) -> dict[str, str]:
     if output_layer is not None and not pretrained_or_tied(modules[output_layer]):
         heads[output_layer] = f"the output layer of {type(model).__name__}"
     for name, module in modules.items():
-        if name and name.rsplit(".", 1)[-1] in TASK_HEAD_NAMES and not _is_under(name, heads):
+        if name and name.rsplit(".", 1)[-1] in TASK_HEAD_NAMES and not is_under(name, heads):
             if not pretrained_or_tied(module):
                 heads[name] = f"named like a task head ({name.rsplit('.', 1)[-1]})"
     return heads
 
 
-def _warn_of_frozen_parameters_of_wrappers(model: nn.Module) -> None:
+def warn_of_frozen_parameters_of_wrappers(model: nn.Module) -> None:
     """Warn by name about parameters held directly by the modules around the pretrained models of ``model`` (a
     wrapper's own ``nn.Parameter``, a logit scale, say): they are new, not in any module ``modules_to_save`` can
     name, and stay frozen."""
-    roots = [prefix.rstrip(".") for prefix, _ in _outermost_pretrained_models(model)]
+    roots = [prefix.rstrip(".") for prefix, _ in _pretrained_models_with_prefix(model)]
     if not roots or "" in roots:
         return
     around = {""} | {root.rsplit(".", depth)[0] for root in roots for depth in range(1, root.count(".") + 1)}
@@ -545,7 +425,7 @@ def _modules_outside(model: nn.Module, roots: list[str]) -> list[str]:
             name = f"{prefix}{child_name}"
             if name in roots:
                 continue
-            if any(_is_under(root, [name]) for root in roots):
+            if any(is_under(root, [name]) for root in roots):
                 visit(child, name + ".")
             elif any(True for _ in child.parameters()):
                 found.append(name)
@@ -574,15 +454,20 @@ def _output_layer(model: nn.Module) -> str | None:
         name = f"{name}.{child_name}" if name else child_name
 
 
-def _outermost_pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(prefix, model)`` for each outermost transformers model (a module with ``base_model_prefix``)."""
-    found: list[tuple[str, nn.Module]] = []
+def pretrained_models(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost transformers models (``PreTrainedModel``) in ``model``, by name (``""``: ``model`` itself)."""
+    from transformers import PreTrainedModel
+
+    found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if any(outer == "" or name.startswith(outer) for outer, _ in found):
-            continue
-        if isinstance(getattr(type(module), "base_model_prefix", None), str) and hasattr(module, "base_model"):
-            found.append((f"{name}." if name else "", module))
+        if isinstance(module, PreTrainedModel) and not any(outer == "" or is_under(name, [outer]) for outer in found):
+            found[name] = module
     return found
+
+
+def _pretrained_models_with_prefix(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(prefix, model)`` for each outermost transformers model: its name with a dot, or ``""`` for ``model``."""
+    return [(f"{name}." if name else "", module) for name, module in pretrained_models(model).items()]
 
 
 def _transformers_getter(model: nn.Module, getter: str) -> list[nn.Module]:
@@ -635,7 +520,7 @@ def vocabulary_rows(model: nn.Module, adapted: Iterable[str] = ()) -> dict[str, 
     (``resize_token_embeddings``, before or after conversion)."""
     names = {id(module): name for name, module in model.named_modules()}
     rows: dict[str, int] = {}
-    for _, pretrained in _outermost_pretrained_models(model):
+    for _, pretrained in _pretrained_models_with_prefix(model):
         pretrained_rows = _checkpoint_vocab_size(pretrained)
         for getter in ("get_input_embeddings", "get_output_embeddings"):
             try:
@@ -667,19 +552,7 @@ def _checkpoint_vocab_size(pretrained: nn.Module) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def get_lorafa_config(model: nn.Module) -> LoraFAConfig:
-    """The ``LoraFAConfig`` that ``apply_lorafa`` stored on ``model``.
-
-    Raises:
-        ValueError: the model was not converted.
-    """
-    config = getattr(_compat.uncompiled(model), "lorafa_config", None)
-    if not isinstance(config, LoraFAConfig):
-        raise ValueError(f"{type(model).__name__} has no LoRA-FA layers: call apply_lorafa(model, ...) first.")
-    return config
-
-
-def _resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
+def resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
     if not modules_to_save:
         return []
     if isinstance(modules_to_save, str):
@@ -689,7 +562,7 @@ def _resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | 
     for entry in modules_to_save:
         found = [name for name in names if name_matches(name, [entry], names)]
         # Keep the outermost match only: "classifier" should not also list "classifier.dense".
-        found = [name for name in found if not _is_under(name.rpartition(".")[0], found)]
+        found = [name for name in found if not is_under(name.rpartition(".")[0], found)]
         if found:
             resolved.extend(found)
         else:
@@ -701,27 +574,3 @@ def _resolve_modules_to_save(model: nn.Module, modules_to_save: Iterable[str] | 
             f"(its top-level modules are {top}). Pass module names or suffixes, e.g. ['classifier']."
         )
     return list(dict.fromkeys(resolved))
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts. For LoRA-FA, trainable = r * sum(d_out) + modules_to_save."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def merge_lorafa(model: nn.Module) -> nn.Module:
-    """Fold every LoRA-FA layer into its base linear and put the plain ``nn.Linear`` back in its place.
-
-    Returns ``model`` (changed in place), ready for inference or export as a plain model.
-    """
-    compiled, model = model, _compat.uncompiled(model)
-    modules = dict(model.named_modules())
-    for name, layer in lorafa_modules(model).items():
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer.base)
-    allow_the_fast_path(model)
-    stop_folding_on_save_pretrained(model)
-    if hasattr(model, "lorafa_config"):
-        del model.lorafa_config
-    return compiled

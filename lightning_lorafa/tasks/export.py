@@ -2,7 +2,7 @@
 
     lorafa export --config outputs/llama/alpaca/version_0/config.yaml --ckpt_path last.ckpt --format merged \\
         --output merged/
-    python -m lightning_lorafa.export --config configs/llama/alpaca.yaml --ckpt_path last.ckpt --format peft \\
+    python -m lightning_lorafa.tasks.export --config configs/llama/alpaca.yaml --ckpt_path last.ckpt --format peft \\
         --output adapter/
 
 The run's config (the one `lorafa fit` read, or the `config.yaml` it saved beside its logs; several `--config`
@@ -38,19 +38,13 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from lightning_lorafa import _compat
-from lightning_lorafa.callback import LoraFA
-from lightning_lorafa.checkpoint import (
-    ADAPTER_ONLY_MARKER,
-    adapter_keys,
-    check_adapter_state,
-    check_vocabulary,
-    embedding_keys,
-    module_adapter_keys,
-)
-from lightning_lorafa.convert import apply_lorafa, get_lorafa_config
-from lightning_lorafa.merge import merged_state_dict
-from lightning_lorafa.peft_export import export_peft
-from lightning_lorafa.safe_load import load_checkpoint_file, read_sharded_state
+from lightning_lorafa.lightning.callback import LoraFA
+from lightning_lorafa.lightning.checkpoints import ADAPTER_ONLY_MARKER, module_adapter_keys
+from lightning_lorafa.model.adapter_state import adapter_keys, check_adapter_state, check_vocabulary, embedding_keys
+from lightning_lorafa.model.convert import apply_lorafa, get_lorafa_config
+from lightning_lorafa.model.merge import merged_state_dict
+from lightning_lorafa.model.peft_export import export_peft
+from lightning_lorafa.model.safe_load import load_checkpoint_file, read_sharded_state
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +266,7 @@ def export(
 
 
 def main(args: list[str] | None = None) -> Path:
-    """`lorafa export ...` / `python -m lightning_lorafa.export ...` (see `export` for the options)."""
+    """`lorafa export ...` / `python -m lightning_lorafa.tasks.export ...` (see `export` for the options)."""
     parser = argparse.ArgumentParser(
         prog="lorafa export", description="Export a trained LoRA-FA run: its PEFT adapter or the merged model."
     )

@@ -18,7 +18,7 @@ in ``LoraFALinear``. The tokens are routed as transformers' eager experts forwar
 received tokens), and the base's own gate (``_compat.experts_gate``), activation and post-expert norm are used.
 
 B's gradient correction is per expert: ``g_B,e (A_e A_e^T)^{-1} / s^2``, one batched product over (E, d_out, r)
-(``lightning_lorafa.correction``, in the optimizer step or, with ``correct_in_backward``, in backward).
+(``lightning_lorafa.adapters.correction``, in the optimizer step or, with ``correct_in_backward``, in backward).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_lorafa import _compat
-from lightning_lorafa.correction import CorrectedGradient, correction_matrix
-from lightning_lorafa.init import draw_lora_A
-from lightning_lorafa.kernels import keep_scale
-from lightning_lorafa.layer import add_lora_fa_branch, branch_dtype, scaled_copy, set_adapter_settings
+from lightning_lorafa.adapters.base import LoraFAAdapter, add_lora_fa_branch
+from lightning_lorafa.adapters.dropout_masks import keep_scale
+from lightning_lorafa.settings import check_adapter_arguments, scaling
 
 #: The flags transformers' experts interface sets on an experts module.
 EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed")
@@ -83,20 +82,9 @@ def expert_features(experts: nn.Module, name: str) -> tuple[int, int]:
     return (shape[1], shape[2]) if experts.is_transposed else (shape[2], shape[1])
 
 
-def expert_seed(seed: int, expert: int) -> int:
-    """Seed of expert ``expert``'s A, from its projection's seed."""
-    return (seed + 7919 * (expert + 1)) % 2**63
-
-
-class ExpertsAdapter(nn.Module):
-    """The LoRA-FA adapters of one fused projection: frozen A (E, r, d_in), trainable B (E, d_out, r).
-
-    Attributes:
-        lora_A: buffer (E, r, d_in); expert e's A is drawn from ``expert_seed(seed, e)``.
-        lora_B: parameter (E, d_out, r), zero-initialised.
-        scaling: ``s``.
-        correct_in_backward: apply the gradient correction in backward (set under sharded strategies).
-    """
+class ExpertsAdapter(LoraFAAdapter):
+    """The LoRA-FA adapters of one fused projection of E experts: frozen A (E, r, d_in), trainable B (E, d_out, r);
+    expert e's A is drawn from ``expert_seed(seed, e)``. Attributes: those of ``LoraFAAdapter``."""
 
     def __init__(
         self,
@@ -104,43 +92,17 @@ class ExpertsAdapter(nn.Module):
         d_in: int,
         d_out: int,
         r: int,
-        scaling: float,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
         seed: int,
         init_a: str,
         factory: dict,
     ) -> None:
-        super().__init__()
-        self.r, self.scaling, self.seed, self.init_a = r, scaling, seed, init_a
-        self.correct_in_backward = False
-        self.register_buffer("lora_A", torch.empty(num_experts, r, d_in, **factory))
-        self.lora_B = nn.Parameter(torch.empty(num_experts, d_out, r, **factory))
-        self._scaled_A: dict = {}
-        if self.lora_A.device.type != "meta":
-            self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Every expert's A drawn from its seed (``init_a``), every B zero."""
-        num_experts, r, d_in = self.lora_A.shape
-        for expert in range(num_experts):
-            self.lora_A[expert].copy_(draw_lora_A(r, d_in, expert_seed(self.seed, expert), self.init_a))
-        self.lora_B.zero_()
-
-    def operands(self, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A' (E, r, d_in), B (E, d_out, r))`` for inputs like ``x``: A scaled by ``scale`` in the branch's dtype
-        (kept between steps), B cast as the branch needs, through the in-backward correction when set."""
-        dtype, lora_B = branch_dtype(x, self.lora_B)
-        if self.correct_in_backward and lora_B.requires_grad:
-            lora_B = CorrectedGradient.apply(lora_B, correction_matrix(self))
-        return scaled_copy(self._scaled_A, self.lora_A, dtype, scale), lora_B
-
-    def delta_weight(self, transposed: bool) -> torch.Tensor:
-        """``s * B_e A_e`` for every expert, (E, d_out, d_in) (``transposed``: (E, d_in, d_out)), in float32."""
-        delta = torch.bmm(self.lora_B.detach().float(), self.lora_A.float()) * self.scaling
-        return delta.transpose(1, 2) if transposed else delta
+        super().__init__((num_experts,), d_in, d_out, r, alpha, dropout, use_rslora, seed, init_a, factory)
 
 
-class RecomputedActivation(torch.autograd.Function):
+class _RecomputedActivation(torch.autograd.Function):
     """``activation(y)`` that keeps only its input y and runs the activation again in backward.
 
     For an expert's gate (``act(gate) * up`` of the gate/up output, (T_e, 2I)): autograd would keep the gate,
@@ -189,15 +151,16 @@ class LoraFAExperts(nn.Module):
         init_a: str = "kaiming",
     ) -> None:
         super().__init__()
-        set_adapter_settings(self, r, alpha, dropout, use_rslora, seed, init_a)  # checked first
+        check_adapter_arguments(type(self).__name__, r, alpha, dropout, use_rslora, seed, init_a)
         if not is_fused_experts(base):
             raise TypeError(
                 "LoraFAExperts adapts fused experts modules (transformers' experts interface), got "
                 f"{type(base).__name__}."
             )
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.seed, self.init_a, self.scaling = seed, init_a, scaling(alpha, r, use_rslora)
         self.base = base
         self.base.requires_grad_(False)
-        self.merged = False
         adapters = {}
         for index, name in enumerate(expert_projections(base)):
             d_in, d_out = expert_features(base, name)
@@ -209,16 +172,20 @@ class LoraFAExperts(nn.Module):
             weight = getattr(base, name)
             factory = {"device": weight.device, "dtype": weight.dtype}
             adapters[name] = ExpertsAdapter(
-                base.num_experts, d_in, d_out, r, self.scaling, (seed + index) % 2**63, init_a, factory
+                base.num_experts, d_in, d_out, r, alpha, dropout, use_rslora, (seed + index) % 2**63, init_a, factory
             )
         self.adapters = nn.ModuleDict(adapters)
+
+    @property
+    def merged(self) -> bool:
+        """Whether every ``s B_e A_e`` is folded into the base's parameters."""
+        return all(adapter.merged for adapter in self.adapters.values())
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Every adapter as freshly drawn (A from its seeds, B zero); the base is left alone."""
         for adapter in self.adapters.values():
             adapter.reset_parameters()
-        self.merged = False
 
     @property
     def num_experts(self) -> int:
@@ -254,8 +221,8 @@ class LoraFAExperts(nn.Module):
         p = self.dropout if self.training else 0.0
         scale = self.scaling * keep_scale(p)
         up_name, down_name = expert_projections(base)
-        up_ops = self.adapters[up_name].operands(hidden_states, scale)
-        down_ops = self.adapters[down_name].operands(hidden_states, scale)
+        up_ops = self.adapters[up_name].branch_operands(hidden_states, scale)
+        down_ops = self.adapters[down_name].branch_operands(hidden_states, scale)
         num_tokens, top_k = top_k_index.shape
         expert_ids = top_k_index.t().reshape(-1)  # (S,) in (k, token) order: each expert's rows as eager's
         sorted_ids, order = torch.sort(expert_ids, stable=True)
@@ -269,7 +236,7 @@ class LoraFAExperts(nn.Module):
             x = gathered[start : start + count]
             start += count
             y = self._project(up_name, x, expert, up_ops, p)
-            y = RecomputedActivation.apply(y, gate) if y.requires_grad else gate(y)
+            y = _RecomputedActivation.apply(y, gate) if y.requires_grad else gate(y)
             y = self._project(down_name, y, expert, down_ops, p)
             if getattr(base, "has_post_expert_norm", False):
                 y = base.post_expert_norm(y)
@@ -287,22 +254,39 @@ class LoraFAExperts(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold every expert's ``s B_e A_e`` into the base's projections (no-op if merged)."""
-        if not self.merged:
-            self._add_delta(1.0)
-            self.merged = True
+        self._fold(1.0)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the folded deltas again (no-op if not merged)."""
-        if self.merged:
-            self._add_delta(-1.0)
-            self.merged = False
+        self._fold(-1.0)
 
-    def _add_delta(self, sign: float) -> None:
+    def _fold(self, sign: float) -> None:
         for name, adapter in self.adapters.items():
-            weight = getattr(self.base, name)
-            delta = adapter.delta_weight(self.base.is_transposed).to(weight.device)
-            weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+            if adapter.merged != (sign > 0):
+                weight = getattr(self.base, name)
+                weight.copy_(adapter.merged_weight(weight, sign, self.base.is_transposed))
+                adapter.merged = sign > 0
+
+    def folded_state(self, state: dict, prefix: str) -> dict:
+        """``state`` with this module's entries (keys starting with ``prefix``) replaced by those of its plain base
+        with every expert's adapter folded in: the adapters dropped, ``<prefix>base.<name>`` renamed
+        ``<prefix><name>``, ``s B_e A_e`` added to each projection (unless merged already)."""
+        adapters_prefix = prefix + "adapters."
+        if not any(key.startswith(adapters_prefix) for key in state):
+            return state
+        base_prefix, folded = prefix + "base.", {}
+        for key, tensor in state.items():
+            if key.startswith(adapters_prefix):
+                continue
+            if key.startswith(base_prefix):
+                name = key[len(base_prefix) :]
+                adapter = self.adapters[name] if name in self.adapters else None
+                if adapter is not None and not adapter.merged:
+                    tensor = adapter.merged_weight(tensor, 1.0, self.base.is_transposed)
+                key = prefix + name
+            folded[key] = tensor
+        return folded
 
     def extra_repr(self) -> str:
         return (

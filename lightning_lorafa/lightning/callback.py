@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,25 +12,32 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 from lightning_lorafa import _compat
-from lightning_lorafa.checkpoint import fill_frozen_tensors, keep_adapter_only, rng_state, set_rng_state
-from lightning_lorafa.convert import get_lorafa_config
-from lightning_lorafa.distributed import (
+from lightning_lorafa.lightning.checkpoints import (
+    fill_frozen_tensors,
+    keep_adapter_only,
+    legacy_optimizer_message,
+    wrote_legacy_optimizer_state,
+)
+from lightning_lorafa.lightning.memory_report import MemoryReport
+from lightning_lorafa.lightning.strategies import (
     check_not_sharded,
     check_resume_supported,
     keep_lora_A_out_of_ddp_buffer_sync,
     prepare_for_strategy,
 )
-from lightning_lorafa.memory import SavedActivationRecorder
-from lightning_lorafa.optim import (
+from lightning_lorafa.model.adapter_state import rng_state, set_rng_state
+from lightning_lorafa.model.convert import get_lorafa_config, prepare_model
+from lightning_lorafa.model.optim import (
     LoraFAOptimizer,
+    attach_gradient_correction,
     keep_trainable_only,
     lora_layers_by_parameter,
     warn_adapters_without_gradient,
 )
-from lightning_lorafa.prepare import attach_gradient_correction, prepare_model
-from lightning_lorafa.recompute import check_recompute_strategy
+from lightning_lorafa.model.recompute import check_recompute_strategy
 from lightning_lorafa.settings import LoraFASettings, _check_bool, _help
 
 #: Learning rate of the optimizer the callback supplies when ``configure_optimizers`` returns None.
@@ -80,6 +86,10 @@ class LoraFA(LoraFASettings, pl.Callback):
         default=False,
     )
 
+    # A callback is one object in a Trainer: equal only to itself, hashable (settings compare by value).
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._hooked_modules: set[int] = set()
@@ -87,9 +97,8 @@ class LoraFA(LoraFASettings, pl.Callback):
         self._corrections: dict[int, RemovableHandle] = {}
         self._config: dict[str, Any] | None = None
         self._legacy_optimizer_state = False
-        self._recorder: SavedActivationRecorder | None = None
-        self._timing: dict[str, float] = {}
         self._unused_checked: set[int] | None = None
+        self._memory_report = MemoryReport() if self.report_memory else None
 
     def _check(self) -> None:
         super()._check()
@@ -124,15 +133,25 @@ class LoraFA(LoraFASettings, pl.Callback):
             return model, "model."
         return pl_module, ""
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Prepare the module's model (``prepare_model``; a model converted already with the same settings is used
+        as it is) and set it up for the trainer's strategy; a model built in ``configure_model`` waits for
+        ``convert_before_sharding``, which calls this hook again.
+
+        Raises:
+            RuntimeError: the model is unconverted but already sharded (FSDP1 or FSDP2).
+            ValueError: the model is converted already with other settings (both named), bad settings, or no model
+                to convert.
+        """
         if id(pl_module) not in self._hooked_modules:
             self._hooked_modules.add(id(pl_module))
             pl_module.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
-        if self._model_is_built(pl_module):
-            self.convert(pl_module)
-        elif is_overridden("configure_model", pl_module):
-            self._pending.add(id(pl_module))
-        else:
+        check_resume_supported(trainer, self.adapter_only_checkpoints)
+        if not self._model_is_built(pl_module):
+            if is_overridden("configure_model", pl_module):
+                self._pending.add(id(pl_module))
+                return
             self.lorafa_model(pl_module)  # names a missing model_attr
             raise ValueError(
                 f"LoraFA: {type(pl_module).__name__} has no model to convert at the callback's setup hook, which "
@@ -140,7 +159,19 @@ class LoraFA(LoraFASettings, pl.Callback):
                 "it in __init__, or in configure_model (which Lightning runs after every setup hook) ending with "
                 "lightning_lorafa.convert_before_sharding(self)."
             )
-        check_resume_supported(trainer, self.adapter_only_checkpoints)
+        model, _ = self.lorafa_model(pl_module)
+        if getattr(model, "lorafa_config", None) is None:
+            check_not_sharded(model)
+        done = prepare_model(model, self, device=trainer.strategy.root_device)
+        if self._config is None or not done.adopted:
+            for line in done.summary(model):
+                rank_zero_info(line)
+        self._config = get_lorafa_config(model).to_dict()
+        prepare_for_strategy(model, trainer.strategy, self.gradient_correction)
+        if isinstance(trainer.strategy, DDPStrategy):
+            keep_lora_A_out_of_ddp_buffer_sync(pl_module)
+        check_recompute_strategy(self.recompute, trainer.strategy)
+        self._pending.discard(id(pl_module))
 
     def _model_is_built(self, pl_module: pl.LightningModule) -> bool:
         """Whether the model to convert exists (has parameters) at ``setup``, before ``configure_model`` runs."""
@@ -148,30 +179,6 @@ class LoraFA(LoraFASettings, pl.Callback):
             return False
         model, _ = self.lorafa_model(pl_module)
         return any(True for _ in model.parameters())
-
-    def convert(self, pl_module: pl.LightningModule) -> list[str]:
-        """Prepare the module's model (``prepare_model``; a model converted already with the same settings is
-        used as it is) and set it up for the trainer's strategy; return the converted module names.
-
-        Raises:
-            RuntimeError: the model is unconverted but already sharded (FSDP1 or FSDP2).
-            ValueError: the model is converted already with other settings (both named), or bad settings.
-        """
-        model, _ = self.lorafa_model(pl_module)
-        strategy = pl_module.trainer.strategy
-        if getattr(model, "lorafa_config", None) is None:
-            check_not_sharded(model)
-        done = prepare_model(model, self, device=strategy.root_device)
-        if self._config is None or not done.adopted:
-            for line in done.summary(model):
-                rank_zero_info(line)
-        self._config = get_lorafa_config(model).to_dict()
-        prepare_for_strategy(model, strategy, self.gradient_correction)
-        if isinstance(strategy, DDPStrategy):
-            keep_lora_A_out_of_ddp_buffer_sync(pl_module)
-        check_recompute_strategy(self.recompute, strategy)
-        self._pending.discard(id(pl_module))
-        return done.converted
 
     def _require_converted(self, pl_module: pl.LightningModule) -> None:
         if id(pl_module) in self._pending:
@@ -181,16 +188,20 @@ class LoraFA(LoraFASettings, pl.Callback):
                 "(before any fully_shard), or build the model in __init__."
             )
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._require_converted(pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._require_converted(pl_module)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._require_converted(pl_module)
 
     # ----------------------------------------------------------------- optimizers
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the user's optimizers: drop their frozen parameters and correct B's gradient before each step."""
         self._require_converted(pl_module)
@@ -219,14 +230,7 @@ class LoraFA(LoraFASettings, pl.Callback):
                 f"{', '.join(type(opt).__name__ for opt in optimizers)} keeps its own learning rate."
             )
         if self._legacy_optimizer_state and not all(isinstance(opt, LoraFAOptimizer) for opt in optimizers):
-            raise ValueError(
-                "The checkpoint was written by lightning-lorafa 0.1, whose LoraFA callback replaced your optimizer "
-                "by a LoraFAOptimizer; its optimizer state does not fit your "
-                f"{', '.join(type(opt).__name__ for opt in optimizers)}. To resume it exactly, return "
-                "lightning_lorafa.create_lorafa_optimizer(self.model, lr=...) from configure_optimizers; or start a "
-                "new run from its adapter: module = lightning_lorafa.load_from_checkpoint(MyModule, path), then "
-                "trainer.fit(module) without ckpt_path."
-            )
+            raise ValueError(legacy_optimizer_message(optimizers))
         keep_trainable_only(optimizers, pl_module)
         for optimizer in optimizers:
             if self.gradient_correction and not isinstance(optimizer, LoraFAOptimizer):
@@ -237,6 +241,7 @@ class LoraFA(LoraFASettings, pl.Callback):
                         "corrected before each of its steps (after gradient clipping)."
                     )
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -247,56 +252,43 @@ class LoraFA(LoraFASettings, pl.Callback):
             self._unused_checked.add(id(optimizer))
             warn_adapters_without_gradient(self.lorafa_model(pl_module)[0], [optimizer])
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             for handle in self._corrections.values():
                 handle.remove()
             self._corrections.clear()
 
-    # ----------------------------------------------------------------- memory report
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
-        if not self.report_memory:
-            return
-        if not self._timing:
-            self._recorder = SavedActivationRecorder(pl_module).__enter__()
-            self._timing = {"steps": 0, "tokens": 0, "start": 0.0}
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-        elif self._timing["steps"] == 0:  # time from the second step on: the first one warms up
-            _synchronize()
-            self._timing["start"] = time.perf_counter()
-        if self._timing["start"]:
-            self._timing["steps"] += 1
-            self._timing["tokens"] += _count_tokens(batch)
+    # ----------------------------------------------------------------- memory report (report_memory=True)
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._memory_report is not None:
+            self._memory_report.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self._recorder is not None:
-            self._recorder.__exit__(None, None, None)
-            rank_zero_info(f"LoRA-FA: saved for backward in the first training step:\n{self._recorder.report()}")
-            self._recorder = None
+        if self._memory_report is not None:
+            self._memory_report.on_before_backward(trainer, pl_module, loss)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.report_memory or not self._timing.get("start"):
-            return
-        _synchronize()
-        seconds = time.perf_counter() - self._timing["start"]
-        message = f"LoRA-FA: {self._timing['steps']} timed steps, {self._timing['tokens'] / seconds:,.0f} tokens/s"
-        if torch.cuda.is_available():
-            message += f", peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-        rank_zero_info(message)
+        if self._memory_report is not None:
+            self._memory_report.on_train_end(trainer, pl_module)
 
     # ----------------------------------------------------------------- checkpoints
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         model, _ = self.lorafa_model(pl_module)
         if self.adapter_only_checkpoints and getattr(model, "lorafa_config", None) is not None:
             checkpoint["state_dict"] = keep_adapter_only(checkpoint["state_dict"], pl_module)
 
+    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        states = checkpoint.get("optimizer_states") or []
-        self._legacy_optimizer_state = any(
-            "gradient_correction" in group for state in states for group in state.get("param_groups", [])
-        )
+        self._legacy_optimizer_state = wrote_legacy_optimizer_state(checkpoint)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The settings, the converted layers, and the RNG states that draw dropout masks (so a resumed run
         continues exactly)."""
@@ -309,6 +301,7 @@ class LoraFA(LoraFASettings, pl.Callback):
             state["config"] = dict(self._config)
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_state(state_dict.get("rng", {}))
 
@@ -317,17 +310,3 @@ class LoraFA(LoraFASettings, pl.Callback):
         rank) and fill in the frozen base tensors that an adapter-only checkpoint leaves out."""
         if getattr(self.lorafa_model(module)[0], "lorafa_config", None) is not None:
             fill_frozen_tensors(module, state_dict, prefix)
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _count_tokens(batch: Any) -> int:
-    """Tokens in a batch: ``input_ids`` of a mapping, or the first tensor of a sequence (its element count)."""
-    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
-        return batch["input_ids"].numel()
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0].numel()
-    return 0

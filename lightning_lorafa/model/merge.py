@@ -24,18 +24,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_lorafa import _compat
-from lightning_lorafa.experts import LoraFAExperts
-from lightning_lorafa.layer import LoraFALinear, is_quantized
-
-
-def adapter_modules(model: nn.Module) -> dict[str, LoraFALinear | LoraFAExperts]:
-    """The LoRA-FA modules of ``model`` by name, in ``named_modules`` order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (LoraFALinear, LoraFAExperts))}
+from lightning_lorafa.adapters.find import lorafa_modules
+from lightning_lorafa.adapters.linear import is_quantized
 
 
 def check_foldable(model: nn.Module, what: str) -> None:
     """Raise ``TypeError`` naming the layers whose base is quantized (no float weight to fold into)."""
-    quantized = [name for name, m in adapter_modules(model).items() if is_quantized(getattr(m, "base", None))]
+    quantized = [name for name, m in lorafa_modules(model).items() if is_quantized(getattr(m, "base", None))]
     if quantized:
         raise TypeError(
             f"LoRA-FA layers {quantized[:3]} have a quantized base, whose weight is not a float tensor, so {what} "
@@ -44,39 +39,11 @@ def check_foldable(model: nn.Module, what: str) -> None:
         )
 
 
-def fold_entries(module: LoraFALinear | LoraFAExperts, state: dict, prefix: str) -> dict:
-    """``state`` with the entries of the LoRA-FA ``module`` (keys starting with ``prefix``) replaced by those of its
-    plain base with the adapter folded in: ``lora_A``/``lora_B`` (experts: ``adapters.*``) dropped,
-    ``<prefix>base.<name>`` renamed ``<prefix><name>`` and, for the adapted weight, ``W + s B A`` added (unless the
-    module is merged already). ``state`` itself is returned when its entries are folded already."""
-    if isinstance(module, LoraFAExperts):
-        dropped = (prefix + "adapters.",)
-        adapters = module.adapters.items()
-        deltas = {name: lambda a=a: a.delta_weight(module.base.is_transposed) for name, a in adapters}
-    else:
-        dropped = (prefix + "lora_A", prefix + "lora_B")
-        deltas = {module.weight_name: module.delta_weight}
-    if not any(key.startswith(dropped) for key in state):
-        return state
-    base_prefix = prefix + "base."
-    folded = {}
-    for key, tensor in state.items():
-        if key.startswith(dropped):
-            continue
-        if key.startswith(base_prefix):
-            name = key[len(base_prefix) :]
-            if name in deltas and not module.merged:
-                tensor = (tensor.float() + deltas[name]().to(tensor.device)).to(tensor.dtype)
-            key = prefix + name
-        folded[key] = tensor
-    return folded
-
-
 def fold_state(model: nn.Module, state: dict, prefix: str = "") -> dict:
     """``state`` (``model.state_dict()``, keys with ``prefix``) with every LoRA-FA module of ``model`` folded,
     innermost first (an ``nn.MultiheadAttention`` adapter holds its ``out_proj``'s)."""
-    for name, module in reversed(list(adapter_modules(model).items())):
-        state = fold_entries(module, state, f"{prefix}{name}." if name else prefix)
+    for name, module in reversed(list(lorafa_modules(model).items())):
+        state = module.folded_state(state, f"{prefix}{name}." if name else prefix)
     return state
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightning_lorafa.layer import LoraFALinear, is_linear
+from lightning_lorafa.adapters.linear import LoraFALinear, is_linear
 
 #: Errors a module that is not called like a router ``(hidden (T, H)) -> ...`` raises on the probe token.
 _PROBE_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, AttributeError, NotImplementedError)

@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lightning_lorafa import _compat
-from lightning_lorafa.checkpoint import atomic_write, resized_embeddings
-from lightning_lorafa.convert import get_lorafa_config, lorafa_experts, lorafa_layers
-from lightning_lorafa.multihead import LoraFAMultiheadAttention
-from lightning_lorafa.router import LoraFARouter
+from lightning_lorafa.adapters.find import lorafa_experts, lorafa_layers
+from lightning_lorafa.adapters.multihead import LoraFAMultiheadAttention
+from lightning_lorafa.adapters.router import LoraFARouter
+from lightning_lorafa.model.adapter_state import atomic_write, resized_embeddings
+from lightning_lorafa.model.convert import get_lorafa_config
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -194,7 +195,8 @@ def export_peft(
             "twice in its forward and its merge (huggingface/peft#3774), so a PeftModel loaded from it computes "
             "W_o + 2 s B_o A_o; and in eval mode torch's fused nn.TransformerEncoderLayer path skips PEFT's "
             "MultiheadAttention adapters. Until PEFT is fixed, serve this model merged: "
-            "lightning_lorafa.merge_lorafa(model), or its state from lightning_lorafa.merge.merged_state_dict(model).",
+            "lightning_lorafa.merge_lorafa(model), or its state from "
+            "lightning_lorafa.model.merge.merged_state_dict(model).",
             stacklevel=2,
         )
     atomic_write(directory / PEFT_WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

@@ -3,7 +3,7 @@
 A dropout mask is as large as its input. Backward needs it, so ordinary dropout keeps it alive
 from forward to backward. Here forward draws a seed tensor from the device's RNG (so runs stay
 reproducible under ``seed_everything``), multiplies by the mask that seed determines
-(``kernels.dropout_mask``: one Triton kernel on CUDA), and backward rebuilds the identical mask from
+(``dropout_masks.dropout_mask``: one Triton kernel on CUDA), and backward rebuilds the identical mask from
 the same seed: only the 8-byte seed is kept, and nothing waits for the device.
 
 In eager mode the product is one ATen op (``x * mask``, or ``addcmul`` with the ``1 / (1 - p)`` scale) run
@@ -15,18 +15,14 @@ which the compiler traces.
 
 from __future__ import annotations
 
-import inspect
-import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from lightning_lorafa import _compat
-from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale, uses_triton
+from lightning_lorafa.adapters.dropout_masks import draw_seed, dropout_mask, dropout_mul, keep_scale, uses_triton
 
 
 class _SeededDropout(torch.autograd.Function):
@@ -133,10 +129,8 @@ def apply_seeded_mask(x: torch.Tensor, p: float, scale: float) -> torch.Tensor:
 def seeded_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout of ``x`` (*) -> (*) with ``0 < p < 1`` that keeps a seed, not a mask, for backward.
 
-    Draws one seed from the RNG of ``x``'s device; the mask is ``kernels.dropout_mask``'s for that seed.
+    Draws one seed from the RNG of ``x``'s device; the mask is ``dropout_masks.dropout_mask``'s for that seed.
     """
-    if has_torch_function_unary(x):  # lets TorchFunctionMode (the saved-activation recorder) see this call
-        return handle_torch_function(seeded_dropout, (x,), x, p)
     return apply_seeded_mask(x, p, keep_scale(p))
 
 
@@ -162,89 +156,3 @@ class RecomputedDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def replace_dropout(model: nn.Module) -> list[str]:
-    """Make every ``nn.Dropout`` in ``model`` keep a seed instead of a mask; return the dotted names changed.
-
-    Each becomes a ``RecomputedDropout`` with the same ``p`` and train/eval mode. Dropout applied inside a
-    transformers attention function is ``lightning_lorafa.attention``'s (``use_seeded_dropout_attention``).
-    """
-    changed = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Dropout:
-                replacement = RecomputedDropout(child.p).train(child.training)
-                setattr(module, child_name, replacement)
-                changed.append(f"{name}.{child_name}" if name else child_name)
-    return changed
-
-
-#: A call of torch's functional dropout as model code writes it (``nn.functional.dropout(``, ``F.dropout(``).
-_FUNCTIONAL_DROPOUT = re.compile(r"\b(?:nn\.functional|functional|F)\.dropout\s*\(")
-#: A ``scaled_dot_product_attention(...)`` call whose ``dropout_p`` is not a literal 0 (Falcon's own attention before
-#: transformers 5.25).
-_SDPA_DROPOUT = re.compile(
-    r"scaled_dot_product_attention\s*\((?:[^()]|\([^()]*\))*?\bdropout_p\s*=\s*(?!0(?:\.0*)?\s*[,)])"
-)
-
-
-def inline_functional_dropouts(model: nn.Module) -> dict[str, str]:
-    """The modules whose own ``forward`` drops values inline, one entry per class: ``{first module name: why its
-    dropout keeps a mask}``.
-
-    Such a call is no module that ``replace_dropout`` can swap, and reaching it would take patching torch or the
-    model's code, so its mask is kept: ``torch.nn.functional.dropout`` (BART's and Whisper's hidden and activation
-    dropouts, Falcon's and BLOOM's residual dropouts), and ``scaled_dot_product_attention`` with a ``dropout_p``
-    in an attention of the model's own (Falcon's before transformers 5.25), whose CPU path keeps the mask (CUDA's
-    fused kernels keep RNG state). Found from the class's source; a class whose dropout-probability attributes are
-    all 0 keeps no mask and is left out.
-    """
-    found: dict[type, tuple[str, list[str]]] = {}
-    skipped: set[type] = set()
-    for name, module in model.named_modules():
-        cls = type(module)
-        if cls in found:
-            found[cls][1].append(name)
-            continue
-        if cls in skipped or cls.__module__.startswith(("torch.", "lightning_lorafa.")):
-            continue
-        rates = [v for k, v in vars(module).items() if "dropout" in k and isinstance(v, float)]
-        call = _inline_dropout_call(cls)
-        if call is not None and (not rates or any(rate > 0 for rate in rates)):
-            found[cls] = (call, [name or "(the model)"])
-        else:
-            skipped.add(cls)
-    return {
-        names[0]: (
-            f"{cls.__name__}.forward calls {call} inline (or through a helper of its module)"
-            + (f" ({len(names)} modules of this class)" if len(names) > 1 else "")
-            + "; only dropout modules and the attention can keep a seed without patching torch or the model's code"
-        )
-        for cls, (call, names) in found.items()
-    }
-
-
-def _inline_dropout_call(cls: type) -> str | None:
-    """What ``cls.forward``, or a function of the class's own module that it calls (Falcon's and BLOOM's
-    ``dropout_add``), calls that drops values inline: ``"torch.nn.functional.dropout"``, ``"scaled_dot_product_attention
-    with dropout_p"``, or None."""
-    source = _source(cls.forward)
-    namespace = vars(sys.modules.get(cls.__module__, object()))
-    sources = [source]
-    for called in set(re.findall(r"(?<![.\w])([A-Za-z_]\w*)\s*\(", source)):
-        helper = namespace.get(called)
-        if inspect.isfunction(helper) and helper.__module__ == cls.__module__:
-            sources.append(_source(helper))
-    if any(_FUNCTIONAL_DROPOUT.search(text) for text in sources):
-        return "torch.nn.functional.dropout"
-    if any(_SDPA_DROPOUT.search(text) for text in sources):
-        return "scaled_dot_product_attention with dropout_p"
-    return None
-
-
-def _source(function: Any) -> str:
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return ""

@@ -31,8 +31,9 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import is_flash_attn_2_available
 
 from lightning_lorafa import _compat
-from lightning_lorafa.dropout import _zero
-from lightning_lorafa.kernels import draw_seed, dropout_mask, dropout_mul, keep_scale
+from lightning_lorafa.adapters.dropout_masks import draw_seed
+from lightning_lorafa.adapters.seeded_attention import _RecomputedDropoutAttention
+from lightning_lorafa.model.select import pretrained_models
 from lightning_lorafa.settings import ATTN_IMPLEMENTATIONS
 
 log = logging.getLogger(__name__)
@@ -42,117 +43,6 @@ RECOMPUTED_DROPOUT_SDPA = "sdpa_recomputed_dropout"
 RECOMPUTED_DROPOUT_EAGER = "eager_recomputed_dropout"
 SEEDED_IMPLEMENTATIONS = (RECOMPUTED_DROPOUT_SDPA, RECOMPUTED_DROPOUT_EAGER)
 _registered = False
-
-
-class _RecomputedDropoutAttention(torch.autograd.Function):
-    """``dropout(softmax(cap(q k^T * scaling) + bias + mask)) v`` keeping q, k, v, bias, mask and a seed tensor only.
-
-    ``cap(s) = softcap * tanh(s / softcap)`` with a ``softcap`` (Gemma2's order: before bias and mask), else
-    ``s``. q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D). The products are ``bmm`` on (B * H, S, D) views
-    (what ``matmul`` runs underneath, so the values are the same bits, with less dispatch per call); q, k and v
-    are kept in that layout. Under CPU autocast, backward recomputes under the forward's autocast state.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        bias: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        scaling: float,
-        p: float,
-        seed: torch.Tensor,
-        softcap: float | None = None,
-    ) -> torch.Tensor:
-        batch, heads, q_length, head_dim = query.shape
-        kv_length = key.shape[2]
-        query = query.reshape(batch * heads, q_length, head_dim)
-        key = key.reshape(batch * heads, kv_length, head_dim)
-        value = value.reshape(batch * heads, kv_length, value.shape[-1])
-        shape = (batch, heads, q_length, kv_length)
-        probs = _probabilities(query, key, bias, mask, scaling, shape, softcap)[0]
-        ctx.save_for_backward(query, key, value, bias, mask, seed)
-        ctx.scaling, ctx.p, ctx.shape, ctx.softcap = scaling, p, shape, softcap
-        ctx.autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        dropped = _apply_masks(seed, p, probs)[0].view(batch * heads, q_length, kv_length)
-        return torch.bmm(dropped, value).view(batch, heads, q_length, -1)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if ctx.autocast_dtype is None:
-            return _attention_backward(ctx, grad_out)
-        with torch.autocast("cpu", dtype=ctx.autocast_dtype):
-            return _attention_backward(ctx, grad_out)
-
-
-def _attention_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of ``_RecomputedDropoutAttention`` for q, k, v and the bias; the same op order as autograd's
-    for the eager composition (``matmul``, ``* scaling``, ``/ softcap``, tanh, ``* softcap``, ``+ bias``, softmax,
-    dropout, ``matmul``)."""
-    query, key, value, bias, mask, seed = ctx.saved_tensors
-    batch, heads, q_length, kv_length = shape = ctx.shape
-    probs, tanh = _probabilities(query, key, bias, mask, ctx.scaling, shape, ctx.softcap)
-    grad_out = grad_out.reshape(batch * heads, q_length, -1)
-    grad_probs = torch.bmm(grad_out, value.transpose(1, 2)).view(shape)
-    if grad_probs.dtype != probs.dtype:  # autocast: bf16 products, float32 probs (a float32 bias)
-        grad_probs = grad_probs.to(probs.dtype)
-    dropped, grad_probs = _apply_masks(seed, ctx.p, probs, grad_probs)
-    grad_value = torch.bmm(dropped.view(batch * heads, q_length, kv_length).transpose(1, 2), grad_out)
-    grad_scores = _compat.softmax_backward(grad_probs, probs, -1, probs.dtype)
-    grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
-    if tanh is not None:
-        # d/ds [c tanh(s / c)] = 1 - tanh^2(s / c) in autograd's order (* c, tanh_backward, / c), in the scores'
-        # dtype: under autocast, autograd casts the gradient there at ``+ mask``
-        grad_scores = torch.ops.aten.tanh_backward(grad_scores.to(tanh.dtype) * ctx.softcap, tanh).div_(ctx.softcap)
-    # in place unless sum_to_size returned grad_scores itself (a bias of the scores' shape)
-    fresh = grad_bias is None or tanh is not None
-    grad_scores = grad_scores.mul_(ctx.scaling) if fresh else grad_scores * ctx.scaling
-    grad_scores = grad_scores.view(batch * heads, q_length, kv_length)
-    grad_query = torch.bmm(grad_scores, key).view(batch, heads, q_length, -1)
-    # (q^T g)^T, the order autograd uses for ``q @ k^T``: the same rounding as a stored-mask reference.
-    grad_key = torch.bmm(query.transpose(1, 2), grad_scores).transpose(1, 2).view(batch, heads, kv_length, -1)
-    grad_value = grad_value.view(batch, heads, kv_length, -1)
-    return grad_query, grad_key, grad_value, grad_bias, None, None, None, None, None
-
-
-def _apply_masks(seed: torch.Tensor, p: float, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """``dropout_mul(t, seed, p)`` for each of ``tensors`` (one shape and dtype): in eager mode the mask is
-    built once and applied to all, scaled in float32 as ``dropout_mul`` does (``addcmul``); under
-    ``torch.compile``, the ``dropout_mul`` custom op each."""
-    if torch.compiler.is_compiling():
-        return [dropout_mul(t, seed, p) for t in tensors]
-    first = tensors[0]
-    kept, zero, scale = dropout_mask(first.shape, seed, p, first.dtype), _zero(first.dtype, first.device), keep_scale(p)
-    return [torch.addcmul(zero, t, kept, value=scale) for t in tensors]
-
-
-def _probabilities(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    scaling: float,
-    shape: tuple[int, int, int, int],
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``softmax(cap(q k^T * scaling) + bias + mask)`` and ``tanh(q k^T * scaling / softcap)`` (None without a
-    softcap; backward needs it): q (B * H, Sq, D), k (B * H, Sk, D) -> (B, H, Sq, Sk) each, in the order eager
-    attention uses; bool masks: True attends. In place on the fresh scores where dtypes agree (the same
-    rounding); a bias or mask of another dtype promotes, as ``+`` does."""
-    scores = torch.bmm(query, key.transpose(1, 2)).view(shape).mul_(scaling)
-    tanh = None
-    if softcap is not None:
-        tanh = scores.div_(softcap).tanh_()
-        scores = tanh * softcap
-    if bias is not None:
-        scores = scores.add_(bias) if bias.dtype == scores.dtype else scores + bias
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    elif mask is not None:
-        scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
-    return torch.softmax(scores, dim=-1), tanh
 
 
 def recomputed_dropout_sdpa(
@@ -318,15 +208,6 @@ def _softcaps(model: PreTrainedModel) -> bool:
     return getattr(model.config, "attn_logit_softcapping", None) is not None
 
 
-def pretrained_models(model: nn.Module) -> list[PreTrainedModel]:
-    """The outermost ``PreTrainedModel`` instances in ``model`` (itself, or e.g. those a LightningModule holds)."""
-    found: list[PreTrainedModel] = []
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and not any(module in outer.modules() for outer in found):
-            found.append(module)
-    return found
-
-
 def set_attention_implementation(
     model: nn.Module, implementation: str = "auto", device: torch.device | str | None = None
 ) -> str:
@@ -347,7 +228,7 @@ def set_attention_implementation(
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
-    targets = pretrained_models(model)
+    targets = list(pretrained_models(model).values())
     if not targets:
         if implementation != "auto":
             raise ValueError(

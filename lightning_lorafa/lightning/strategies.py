@@ -12,9 +12,10 @@ Only the frozen base weights need sharding; B, its gradient and its AdamW moment
   the reduced gradient.
 
 Checkpoints hold only the adapter. ``LoraFAModelParallelStrategy`` saves and loads them under FSDP2
-(full file or sharded directory); ``AtomicCheckpointIO`` (``checkpoint.py``) writes checkpoint files by
+(full file or sharded directory); ``AtomicCheckpointIO`` (``checkpoints.py``) writes checkpoint files by
 temp-file-and-rename.
-Building a sharded model in ``configure_model`` (convert first, then ``fully_shard``) is ``lightning_lorafa.sharding``.
+Building a sharded model in ``configure_model`` (convert first, then ``fully_shard``) is
+``lightning_lorafa.lightning.sharding``.
 This module does not depend on the ``LoraFA`` callback; the callback uses its checks.
 """
 
@@ -30,14 +31,11 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 from torch import nn
 
 from lightning_lorafa import _compat
-from lightning_lorafa.checkpoint import (
-    ADAPTER_ONLY_MARKER,
-    AtomicCheckpointIO,
-    check_adapter_state,
-    module_adapter_keys,
-)
-from lightning_lorafa.convert import lorafa_experts, lorafa_layers
-from lightning_lorafa.safe_load import load_checkpoint_file, load_sharded
+from lightning_lorafa.adapters.base import FROZEN
+from lightning_lorafa.adapters.find import lorafa_adapters, lorafa_layers
+from lightning_lorafa.lightning.checkpoints import ADAPTER_ONLY_MARKER, AtomicCheckpointIO, module_adapter_keys
+from lightning_lorafa.model.adapter_state import check_adapter_state
+from lightning_lorafa.model.safe_load import load_checkpoint_file, load_sharded
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -93,8 +91,8 @@ def correct_experts_in_backward(model: nn.Module, gradient_correction: bool = Tr
     """Have every fused experts adapter of ``model`` correct B's gradient in backward, on the whole (E, d_out, r)
     gradient: a sharded strategy splits B (E, d_out, r) along the experts, where each rank's rows would need
     their own experts' (r, r) matrices."""
-    for experts in lorafa_experts(model).values():
-        for adapter in experts.adapters.values():
+    for adapter in lorafa_adapters(model).values():
+        if adapter.lora_B.ndim == 3:  # a fused experts projection: (E, d_out, r)
             adapter.correct_in_backward = gradient_correction
 
 
@@ -106,12 +104,7 @@ def keep_lora_A_out_of_ddp_buffer_sync(module: nn.Module) -> list[str]:
     broadcast, all of A at every step (LLaMA-7B, r 64: 146 MB in bf16), moves nothing new. The model's other
     buffers are still broadcast. Call it before DDP wraps the module.
     """
-    names = [f"{name}.lora_A" for name in lorafa_layers(module)]
-    names += [
-        f"{name}.adapters.{projection}.lora_A"
-        for name, experts in lorafa_experts(module).items()
-        for projection in experts.adapters
-    ]
+    names = [f"{name}.{FROZEN}" for name in lorafa_adapters(module)]
     return names if _compat.ddp_ignore_params_and_buffers(module, names) else []
 
 
@@ -216,7 +209,7 @@ class LoraFAModelParallelStrategy(ModelParallelStrategy):
         checkpoint = load_checkpoint_file(path, safe)
         saved = {key: value for key, value in checkpoint.pop("state_dict").items()}
         saved.pop(ADAPTER_ONLY_MARKER, None)
-        r = next((t.shape[1] for k, t in own.items() if k.endswith(".lora_B")), 0)
+        r = next((adapter.r for adapter in lorafa_adapters(self.lightning_module).values()), 0)
         check_adapter_state(own, saved, f"The checkpoint {path}", r)
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.model, saved, options=options)

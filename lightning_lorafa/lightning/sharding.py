@@ -13,8 +13,9 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_lorafa.callback import LoraFA
-from lightning_lorafa.convert import lorafa_layers
+from lightning_lorafa.adapters.find import lorafa_layers
+from lightning_lorafa.lightning.callback import LoraFA
+from lightning_lorafa.model.convert import get_lorafa_config
 
 
 def convert_before_sharding(pl_module: pl.LightningModule) -> list[str]:
@@ -34,7 +35,8 @@ def convert_before_sharding(pl_module: pl.LightningModule) -> list[str]:
     callbacks = [c for c in pl_module.trainer.callbacks if isinstance(c, LoraFA)]
     if not callbacks:
         raise RuntimeError("convert_before_sharding: the trainer has no LoraFA callback; add LoraFA(...) to callbacks.")
-    return callbacks[0].convert(pl_module)
+    callbacks[0].setup(pl_module.trainer, pl_module, pl_module.trainer.state.fn or "fit")
+    return list(get_lorafa_config(callbacks[0].lorafa_model(pl_module)[0]).target_modules)
 
 
 def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:

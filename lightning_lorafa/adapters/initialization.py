@@ -1,4 +1,4 @@
-"""How the frozen A (r, d_in) of a LoRA-FA layer is drawn.
+"""How the frozen A (r, d_in) of a LoRA-FA adapter is drawn, and from which seed.
 
 - ``"kaiming"``: PEFT's LoRA A, Kaiming-uniform with ``a = sqrt(5)``: entries uniform in
   ``[-1/sqrt(d_in), 1/sqrt(d_in)]``, so each row has squared norm about 1/3 and ``A A^T`` is close to ``I / 3``.
@@ -26,10 +26,9 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
-def check_init_a(init_a: str) -> None:
-    """Raise ``ValueError`` with the accepted values when ``init_a`` is not one of ``INIT_A``."""
-    if init_a not in INIT_A:
-        raise ValueError(f"init_a must be one of {list(INIT_A)}, got {init_a!r}.")
+def expert_seed(seed: int, expert: int) -> int:
+    """Seed of expert ``expert``'s A in a stack of experts, from the projection's seed."""
+    return (seed + 7919 * (expert + 1)) % 2**63
 
 
 def draw_lora_A(r: int, d_in: int, seed: int, init_a: str = "kaiming") -> torch.Tensor:
@@ -38,21 +37,15 @@ def draw_lora_A(r: int, d_in: int, seed: int, init_a: str = "kaiming") -> torch.
     ``"orthogonal"``: the Q factor of a Gaussian (d_in, r) matrix with the signs of R's diagonal folded in
     (Haar-distributed orthonormal columns), transposed to rows.
     """
-    check_init_a(init_a)
     generator = torch.Generator().manual_seed(seed)
     if init_a == "kaiming":
         values = torch.empty(r, d_in, dtype=torch.float32)
         return nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+    if init_a != "orthogonal":
+        raise ValueError(f"init_a must be one of {list(INIT_A)}, got {init_a!r}.")
     if r > d_in:
         raise ValueError(f"init_a='orthogonal' needs r <= d_in, got r={r}, d_in={d_in}.")
     gaussian = torch.randn(d_in, r, dtype=torch.float64, generator=generator)
     q, rr = torch.linalg.qr(gaussian)  # q: (d_in, r)
     q = q * torch.sign(torch.diagonal(rr)).where(torch.diagonal(rr) != 0, torch.ones(()))
     return q.t().contiguous().float()
-
-
-@torch.no_grad()
-def initialize_lora_A(layer: nn.Module, seed: int, init_a: str = "kaiming") -> torch.Tensor:
-    """Overwrite ``layer.lora_A`` (r, d_in) in place with ``draw_lora_A(r, d_in, seed, init_a)``."""
-    lora_A = layer.lora_A
-    return lora_A.copy_(draw_lora_A(lora_A.shape[0], lora_A.shape[1], seed, init_a))

@@ -1,7 +1,9 @@
-"""``LoraFAOptimizer``: AdamW over B (and ``modules_to_save``) that corrects B's gradient inside ``step``.
+"""Optimizers and LoRA-FA: B's gradient correction on any optimizer, and ``LoraFAOptimizer``.
 
-For plain PyTorch and for parity with PEFT's ``create_lorafa_optimizer``. The ``LoraFA`` callback keeps the
-user's own optimizer instead and corrects B's gradient before its step (``lightning_lorafa.correction``).
+``attach_gradient_correction(optimizer, model)`` corrects B's gradient before each step of any torch optimizer
+(what the ``LoraFA`` callback does for the user's own optimizers); ``keep_trainable_only`` drops the frozen
+parameters from their param groups. ``LoraFAOptimizer`` is AdamW over B (and ``modules_to_save``) that corrects B's
+gradient inside ``step``, for plain PyTorch and for parity with PEFT's ``create_lorafa_optimizer``.
 
 The update is transformers-style AdamW ("adamw_hf", as in PEFT's ``LoraFAOptimizer``): eps added
 to ``sqrt(v)``, bias correction folded into the step size, decoupled weight decay applied after the
@@ -19,11 +21,16 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from lightning_lorafa.convert import lorafa_experts, lorafa_layers, lorafa_modules
-from lightning_lorafa.correction import GradientCorrection, correct_gradient, correction_matrix, warn_no_gradient
-from lightning_lorafa.experts import ExpertsAdapter
-from lightning_lorafa.layer import LoraFALinear
+from lightning_lorafa.adapters.base import LoraFAAdapter
+from lightning_lorafa.adapters.correction import (
+    GradientCorrection,
+    correct_gradient,
+    correction_matrix,
+    warn_no_gradient,
+)
+from lightning_lorafa.adapters.find import lorafa_adapters
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups (B's and any fully trained parameters).
-        lora_layers: maps each ``lora_B`` parameter to its ``LoraFALinear`` (for A and s). Parameters
+        lora_layers: maps each ``lora_B`` parameter to its adapter (for A and s). Parameters
             not in it get plain AdamW. Build it with ``lora_layers_by_parameter(model)``.
         lr, betas, eps, weight_decay, correct_bias: as in transformers' AdamW (eps default 1e-6).
         gradient_correction: apply the closed-form correction (default True). Without it this is AdamW.
@@ -49,7 +56,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lora_layers: Mapping[nn.Parameter, LoraFALinear] | None = None,
+        lora_layers: Mapping[nn.Parameter, LoraFAAdapter] | None = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -73,7 +80,7 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             "gradient_correction": gradient_correction,
         }
         super().__init__(params, defaults)
-        self.lora_layers: dict[nn.Parameter, LoraFALinear] = dict(lora_layers or {})
+        self.lora_layers: dict[nn.Parameter, LoraFAAdapter] = dict(lora_layers or {})
         self._correction = GradientCorrection(self.lora_layers, names=lora_names)
 
     @torch.no_grad()
@@ -126,15 +133,9 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             self._correction = GradientCorrection(self.__dict__.get("lora_layers", {}))
 
 
-def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFALinear | ExpertsAdapter]:
-    """Map each ``lora_B`` parameter of ``model`` to its layer (a fused experts projection: its ``ExpertsAdapter``,
-    whose B is (E, d_out, r))."""
-    layers: dict[nn.Parameter, LoraFALinear | ExpertsAdapter] = {
-        layer.lora_B: layer for layer in lorafa_layers(model).values()
-    }
-    for experts in lorafa_experts(model).values():
-        layers.update({adapter.lora_B: adapter for adapter in experts.adapters.values()})
-    return layers
+def lora_layers_by_parameter(model: nn.Module) -> dict[nn.Parameter, LoraFAAdapter]:
+    """Map each ``lora_B`` parameter of ``model`` to its adapter."""
+    return {adapter.lora_B: adapter for adapter in lorafa_adapters(model).values()}
 
 
 def keep_trainable_only(optimizers: Sequence[torch.optim.Optimizer], module: nn.Module) -> None:
@@ -174,15 +175,14 @@ def keep_trainable_only(optimizers: Sequence[torch.optim.Optimizer], module: nn.
 
 
 def adapters_without_gradient(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
-    """Names of the LoRA-FA modules of ``model`` whose B is among ``params`` and has no gradient after a backward
-    pass: modules that took no part in the forward. Layers corrected in backward (FSDP1) are not looked at."""
+    """Names of the adapters of ``model`` whose B is among ``params`` and has no gradient after a backward pass:
+    adapters that took no part in the loss. Adapters corrected in backward (FSDP1) are not looked at."""
     held = {id(p) for p in params}
-    unused = []
-    for name, module in lorafa_modules(model).items():
-        adapters = module.adapters.values() if hasattr(module, "adapters") else [module]
-        if any(id(a.lora_B) in held and a.lora_B.grad is None and not a.correct_in_backward for a in adapters):
-            unused.append(name)
-    return unused
+    return [
+        name
+        for name, adapter in lorafa_adapters(model).items()
+        if id(adapter.lora_B) in held and adapter.lora_B.grad is None and not adapter.correct_in_backward
+    ]
 
 
 def warn_adapters_without_gradient(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
@@ -190,17 +190,36 @@ def warn_adapters_without_gradient(model: nn.Module, optimizers: Iterable[torch.
     the first backward pass, before the optimizers' step); return their names."""
     params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
     unused = adapters_without_gradient(model, params)
-    warn_no_gradient(unused, len(lorafa_modules(model)))
+    warn_no_gradient(unused, len(lorafa_adapters(model)))
     return unused
 
 
 def lora_names_by_parameter(model: nn.Module) -> dict[nn.Parameter, str]:
-    """The name of the LoRA-FA module of ``model`` that owns each ``lora_B`` parameter."""
-    names = {}
-    for name, module in lorafa_modules(model).items():
-        for adapter in module.adapters.values() if hasattr(module, "adapters") else [module]:
-            names[adapter.lora_B] = name
-    return names
+    """The name of the adapter of ``model`` that owns each ``lora_B`` parameter."""
+    return {adapter.lora_B: name for name, adapter in lorafa_adapters(model).items()}
+
+
+def attach_gradient_correction(
+    optimizer: torch.optim.Optimizer, model: nn.Module, check_unused: bool = True
+) -> RemovableHandle:
+    """Correct the LoRA-FA B gradients of ``model`` that ``optimizer`` holds before each of its steps.
+
+    Any ``torch.optim.Optimizer`` keeps its class, settings and LR schedulers; see ``GradientCorrection.attach``
+    for when the correction runs (after the closure, i.e. after gradient clipping). With ``check_unused``, its first
+    step warns by name about adapters whose B got no gradient (they took no part in the loss). Returns the hook's
+    handle (``handle.remove()`` detaches it).
+
+    Raises:
+        ValueError: ``model`` has no LoRA-FA adapters, or ``optimizer`` is a ``LoraFAOptimizer`` (which corrects
+            in its own step: attaching would correct twice).
+    """
+    if isinstance(optimizer, LoraFAOptimizer):
+        raise ValueError("A LoraFAOptimizer corrects B's gradient in its own step; attaching would correct twice.")
+    layers = lora_layers_by_parameter(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA-FA layers: call prepare_model(model, ...) first.")
+    names = lora_names_by_parameter(model) if check_unused else None
+    return GradientCorrection(layers, names=names).attach(optimizer)
 
 
 def create_lorafa_optimizer(
@@ -234,6 +253,7 @@ def create_lorafa_optimizer(
 
 __all__ = [
     "LoraFAOptimizer",
+    "attach_gradient_correction",
     "correct_gradient",
     "correction_matrix",
     "create_lorafa_optimizer",

@@ -8,7 +8,7 @@
 The model (`model.class_path`, a `TaskModule`) and data (`data.class_path`, a `TaskDataModule`)
 are chosen in the config; the data module's tokenizer follows `model.init_args.model_name_or_path`.
 The `LoraFA` callback is configured under `trainer.callbacks`. `lorafa export` writes a trained run's
-PEFT adapter or merged model (`lightning_lorafa.export`).
+PEFT adapter or merged model (`lightning_lorafa.tasks.export`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_lorafa import _compat
 from lightning_lorafa.tasks.common import TaskDataModule, TaskModule
 
 
@@ -32,7 +33,7 @@ class ConciseArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        known = [option for action in parser._actions for option in action.option_strings]
+        known = _compat.parser_option_strings(parser)
         hints = []
         for given in dict.fromkeys(re.findall(r"--[\w.]+", message)):
             close = difflib.get_close_matches(given, known, n=2, cutoff=0.8)
@@ -66,10 +67,10 @@ def main(args: list[str] | None = None) -> LoraFACLI:
 
 
 def console_main() -> None:
-    """The `lorafa` console script: like `main` (`lorafa export ...`: `lightning_lorafa.export.main`), but returns
+    """The `lorafa` console script: like `main` (`lorafa export ...`: `lightning_lorafa.tasks.export.main`), but returns
     nothing, so the process exits with status 0."""
     if sys.argv[1:2] == ["export"]:
-        from lightning_lorafa.export import main as export_main
+        from lightning_lorafa.tasks.export import main as export_main
 
         export_main(sys.argv[2:])
         return
