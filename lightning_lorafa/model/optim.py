@@ -42,7 +42,11 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         params: parameters or param groups (B's and any fully trained parameters).
         lora_layers: maps each ``lora_B`` parameter to its adapter (for A and s). Parameters
             not in it get plain AdamW. Build it with ``lora_layers_by_parameter(model)``.
-        lr, betas, eps, weight_decay, correct_bias: as in transformers' AdamW (eps default 1e-6).
+        lr: learning rate.
+        betas: Adam's coefficients for the running averages of the gradient and its square.
+        eps: added to the denominator (default 1e-6, as in transformers' AdamW).
+        weight_decay: decoupled weight decay (AdamW's).
+        correct_bias: apply Adam's bias correction (as in transformers' AdamW).
         gradient_correction: apply the closed-form correction (default True). Without it this is AdamW.
         lora_names: maps each ``lora_B`` to its module's name (``lora_names_by_parameter(model)``); given, the
             first ``step`` warns by name about B's without a gradient (adapters that took no part in the forward).
