@@ -108,6 +108,12 @@ def attn_implementation(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+def no_split_modules(model: Any) -> list[str]:
+    """The transformer block class names a transformers model declares (``_no_split_modules``, the attribute
+    accelerate's device maps read); ``[]`` where it declares none."""
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
 def supports_attention(model: Any, implementation: str) -> bool:
     """Whether a transformers model class declares support for ``"sdpa"`` or ``"flash_attention_2"``."""
     flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}[implementation]

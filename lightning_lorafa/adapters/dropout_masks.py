@@ -8,7 +8,7 @@ device and nothing is read on the host.
 
 - CUDA (and CPU under ``TRITON_INTERPRET=1``): Philox masks. Each element takes 16 bits of a counter-based
   Philox-4x32-10 draw at (seed, element index // 8) (one draw gives 128 bits: eight elements) and is kept when
-  they reach ``p * 2**16``. One Triton kernel per call makes them (the mask, or the masked product);
+  they reach ``p * 2**16``. One Triton kernel per call makes them (the mask, or the masked product; ``triton_dropout``);
   ``philox_keep_mask`` makes the same masks with PyTorch integer ops.
 - CPU: PyTorch ops on a generator seeded with ``seed`` (``keep_mask``): one ``bernoulli`` for small masks,
   four 16-bit slices of each 64-bit ``randint`` word for large ones.
@@ -30,23 +30,19 @@ read once, at the first mask on a CUDA device:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU path needs no Triton
-    triton = None
-
 #: Dropout probabilities are resolved in steps of 1 / 2**16 (FlashAttention's kernels use 1 / 2**8).
 LEVELS = 2**16
+#: Whether Triton is installed; it is imported at the first Triton mask (``triton_dropout``), not with this module.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 #: Run the Triton kernel on CPU tensors too (Triton's interpreter, for testing the CUDA kernel without a GPU).
-TRITON_ON_CPU = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
-_BLOCK = 1024
+TRITON_ON_CPU = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 #: The environment variable that selects the Philox masks' backend, and its values (the first is the default).
 BACKEND_VARIABLE = "LIGHTNING_LORAFA_DROPOUT_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
@@ -149,58 +145,16 @@ def _template(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> to
     return template
 
 
-if triton is not None:
-
-    @triton.jit
-    def _keep_bits(seed_ptr, BLOCK: tl.constexpr):
-        """The 16-bit draws of this program's BLOCK elements and their flat offsets, both (BLOCK // 8, 8).
-
-        One Philox call (four 32-bit words) at counter g gives the draws of elements 8g .. 8g + 7:
-        element 8g + j takes the high (j even) or low (j odd) half of word j // 2. ``randint4x`` splits the
-        int64 counter into two uint32 words, so Philox-4x32 runs and its words are uint32; the ``& 0xFFFF`` of
-        the high half keeps each draw 16 bits even if a Triton version returned wider words.
-        """
-        groups = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # (G,)
-        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), groups)  # (G,) uint32 each
-        lane = tl.arange(0, 8)[None, :]  # (1, 8)
-        word = tl.where(
-            lane < 4, tl.where(lane < 2, r0[:, None], r1[:, None]), tl.where(lane < 6, r2[:, None], r3[:, None])
-        )
-        bits = tl.where(lane % 2 == 0, (word >> 16) & 0xFFFF, word & 0xFFFF)  # (G, 8), uniform over [0, 2**16)
-        return bits, groups[:, None] * 8 + lane
-
-    @triton.jit(do_not_specialize=["dropped", "scale"])
-    def _dropout_mul_kernel(x_ptr, out_ptr, seed_ptr, numel, dropped, scale, BLOCK: tl.constexpr):
-        """out[i] = x[i] * scale if bits(i) >= dropped else 0, for a flat contiguous x."""
-        bits, offsets = _keep_bits(seed_ptr, BLOCK)
-        inside = offsets < numel
-        x = tl.load(x_ptr + offsets, mask=inside)
-        out = tl.where(bits >= dropped, x.to(tl.float32) * scale, 0.0)
-        tl.store(out_ptr + offsets, out.to(x.dtype), mask=inside)
-
-    @triton.jit(do_not_specialize=["dropped"])
-    def _dropout_mask_kernel(out_ptr, seed_ptr, numel, dropped, BLOCK: tl.constexpr):
-        """out[i] = 1 if bits(i) >= dropped else 0, the mask ``_dropout_mul_kernel`` applies."""
-        bits, offsets = _keep_bits(seed_ptr, BLOCK)
-        tl.store(out_ptr + offsets, (bits >= dropped).to(out_ptr.dtype.element_ty), mask=offsets < numel)
-
-
 def _triton_dropout_mul(x: torch.Tensor, seed: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    numel = x.numel()
-    if numel:
-        grid = (triton.cdiv(numel, _BLOCK),)
-        _dropout_mul_kernel[grid](x, out, seed, numel, dropped_levels(p), scale, BLOCK=_BLOCK)
-    return out
+    from lightning_lorafa.adapters import triton_dropout  # imports Triton: first use only
+
+    return triton_dropout.dropout_mul(x, seed, dropped_levels(p), scale)
 
 
 def _triton_mask(shape: torch.Size, seed: torch.Tensor, p: float) -> torch.Tensor:
-    out = torch.empty(shape, dtype=torch.bool, device=seed.device)
-    numel = out.numel()
-    if numel:
-        _dropout_mask_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, numel, dropped_levels(p), BLOCK=_BLOCK)
-    return out
+    from lightning_lorafa.adapters import triton_dropout  # imports Triton: first use only
+
+    return triton_dropout.keep_mask(shape, seed, dropped_levels(p))
 
 
 def _mul32(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +208,7 @@ def _triton_backend(device: torch.device) -> bool:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
         _backend_setting = dropout_backend()
-        if _backend_setting == "triton" and triton is None:
+        if _backend_setting == "triton" and not HAS_TRITON:
             raise RuntimeError(f"{BACKEND_VARIABLE}=triton, but Triton cannot be imported: install it, or use 'auto'")
         _triton_selected = _backend_setting == "triton" or (_backend_setting == "auto" and _triton_passes_check(device))
     return _triton_selected
@@ -302,7 +256,7 @@ def _fall_back(device: torch.device, error: Exception, during: str) -> None:
 
 def _check_triton_kernels(device: torch.device) -> None:
     """Raise unless the mask and product kernels compile, run and give ``philox_keep_mask``'s mask."""
-    if triton is None:
+    if not HAS_TRITON:
         raise ImportError("Triton is not installed")
     seed = torch.tensor(_CHECK_SEED, device=device)
     expected = philox_keep_mask(_CHECK_SHAPE, seed, _CHECK_P)

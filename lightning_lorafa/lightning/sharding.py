@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_lorafa import _compat
 from lightning_lorafa.adapters.find import lorafa_layers
 from lightning_lorafa.lightning.callback import LoraFA
 from lightning_lorafa.model.convert import get_lorafa_config
@@ -47,7 +48,7 @@ def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
     Raises:
         ValueError: the model names no block classes, or none of them occurs in it.
     """
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    names = set(_compat.no_split_modules(model))
     found = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not found:
         raise ValueError(

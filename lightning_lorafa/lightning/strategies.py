@@ -140,6 +140,8 @@ class LoraFAModelParallelStrategy(ModelParallelStrategy):
 
     def __init__(self, *args: Any, save_distributed_checkpoint: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        #: Checkpoints are directories of shards (True) or one full file written by rank 0 (False).
+        self.saves_distributed_checkpoint = save_distributed_checkpoint
         self.checkpoint_io = AtomicCheckpointIO()
 
     def _adapter_keys(self) -> set[str]:
@@ -153,12 +155,12 @@ class LoraFAModelParallelStrategy(ModelParallelStrategy):
         assert self.model is not None
         keys = self._adapter_keys()
         options = StateDictOptions(
-            full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True, ignore_frozen_params=True
+            full_state_dict=not self.saves_distributed_checkpoint, cpu_offload=True, ignore_frozen_params=True
         )
         return {key: value for key, value in get_model_state_dict(self.model, options=options).items() if key in keys}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if not self._save_distributed_checkpoint:
+        if not self.saves_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(filepath))
         tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_lorafa import _compat
-from lightning_lorafa.adapters.base import adapter_state_keys
+from lightning_lorafa.adapters.base import TRAINED, adapter_state_keys
 from lightning_lorafa.adapters.find import lorafa_adapters
 from lightning_lorafa.model.convert import apply_lorafa, get_lorafa_config
 from lightning_lorafa.settings import LoraFASettings
@@ -118,7 +118,7 @@ def check_adapter_state(
     A different LoRA rank (last dim of ``lora_B``) is reported as such.
     """
     for key, tensor in given.items():
-        if key.endswith(".lora_B") and key in expected and tensor.shape[-1] != expected[key].shape[-1]:
+        if key.endswith(f".{TRAINED}") and key in expected and tensor.shape[-1] != expected[key].shape[-1]:
             raise ValueError(
                 f"{source} was saved with LoRA rank r={tensor.shape[-1]}, but the model has r={r} "
                 f"(key {key}). Convert the model with r={tensor.shape[-1]} (e.g. LoraFA(r={tensor.shape[-1]}))."

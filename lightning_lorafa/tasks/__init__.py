@@ -1,6 +1,12 @@
 """Task modules and data modules for the `lorafa` command: GLUE, WMT16 translation, instruction tuning, math
-(MetaMathQA -> GSM8K)."""
+(MetaMathQA -> GSM8K).
 
+They need the ``recipes`` extra (``pip install "lightning-lorafa[recipes]"``); importing this package without it
+raises ``ModuleNotFoundError`` naming the missing packages and the extra. The rest of ``lightning_lorafa`` needs
+none of them.
+"""
+
+from lightning_lorafa.tasks import _requirements  # noqa: F401  (raises without the recipes extra)
 from lightning_lorafa.tasks.common import TaskDataModule, TaskModule
 from lightning_lorafa.tasks.glue import GLUE_TASKS, GlueDataModule, SequenceClassifier
 from lightning_lorafa.tasks.instruction import InstructionDataModule, InstructionTuner

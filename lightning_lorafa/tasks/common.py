@@ -17,8 +17,6 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    get_cosine_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
 )
 
 from lightning_lorafa.tasks.packing import is_packed, packed_model_inputs
@@ -278,6 +276,9 @@ class TaskModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches
+        # transformers.optimization imports peft and bitsandbytes where installed (seconds): only when fitting.
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
         schedule = get_cosine_schedule_with_warmup if self.lr_schedule == "cosine" else get_linear_schedule_with_warmup
         scheduler = schedule(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
