@@ -2,7 +2,7 @@
 
 Every architecture is a tiny random model (2 layers, hidden 32) built from its transformers config (no download),
 converted with ``apply_lorafa(model, r=4, target_modules="all-linear")`` and compared with PEFT LoRA
-(``LoraConfig(r=4, target_modules="all-linear")``) on the same model. ``tests/test_models.py`` checks the
+(``LoraConfig(r=4, target_modules="all-linear")``) on the same model. ``tests/model/test_models.py`` checks the
 compatibility columns per architecture; this script measures the saved-for-backward bytes of one training forward
 at dropout 0.1 (hidden, attention and adapter dropout) for both, with the model prepared as the ``LoraFA`` callback
 prepares it (seed-kept dropouts and attention), and writes the table.

@@ -24,12 +24,12 @@ if [ "$PART" = memory ]; then
     --recompute '["none","mlp"]' --repeats 2 --output_dir "$OUT/llama32-recompute" 2>&1 | tail -n 30
   exit 0
 fi
-timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_dropout.py tests/test_layer.py \
-  tests/test_memory.py tests/test_attention.py tests/test_compile.py tests/test_quantization.py tests/test_cuda_graphs.py \
+timeout 110 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_kernels.py tests/adapters/test_dropout.py tests/adapters/test_layer.py \
+  tests/model/test_memory.py tests/model/test_attention.py tests/model/test_compile.py tests/model/test_quantization.py tests/adapters/test_cuda_graphs.py \
   2>&1 | tee "$OUT/cuda-tests.txt"
-timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_recompute.py -k 4bit 2>&1 | tee -a "$OUT/cuda-tests.txt"
+timeout 40 python3 -m pytest -q -p no:cacheprovider tests/model/test_recompute.py -k 4bit 2>&1 | tee -a "$OUT/cuda-tests.txt"
 # every kind of adapted module (linear, Conv1D, fused experts, routers) and attention path through the callback
-timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_models.py -k cuda 2>&1 | tee -a "$OUT/cuda-tests.txt"
+timeout 45 python3 -m pytest -q -p no:cacheprovider tests/model/test_models.py -k cuda 2>&1 | tee -a "$OUT/cuda-tests.txt"
 timeout 40 python3 benchmarks/dropout_paths.py --device cuda --max_log2 25 --calls 10 --rounds 5 --output_dir "$OUT" 2>&1 | tail -n 20
 timeout 170 python3 benchmarks/memory_speed.py --device cuda --models '["roberta-base"]' --compile true --repeats 5 \
   --output_dir "$OUT/roberta-base" 2>&1 | tail -n 30

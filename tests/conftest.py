@@ -1,10 +1,16 @@
-"""Shared fixtures: tiny transformers models built from configs (no download), and small helpers."""
+"""Shared fixtures: tiny transformers models built from configs (no download), a user's LightningModule, a quiet
+Trainer, and small helpers. ``tests/workers`` (scripts that tests start as processes) is importable too."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -15,6 +21,38 @@ from transformers import (
 )
 
 VOCAB = 96
+TESTS = Path(__file__).resolve().parent
+ROOT, DATA, WORKERS = TESTS.parent, TESTS / "data", TESTS / "workers"
+sys.path.insert(0, str(WORKERS))  # tests import the workers' modules and data
+
+
+class Tuner(pl.LightningModule):
+    """A user's LightningModule: ``self.model(input_ids=..., labels=...).loss`` on ``(input_ids, labels)``
+    batches, AdamW over ``self.parameters()``."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def classification_batches(rows: int = 16, length: int = 8, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    """Batches of ``(input_ids, labels)``: random tokens (rows, length) and label ``input_ids[:, 0] % 2``."""
+    x = torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(x, x[:, 0] % 2), batch_size=batch_size)
+
+
+def quiet_trainer(root: Path, **kwargs) -> pl.Trainer:
+    """A ``pl.Trainer`` writing under ``root`` with no logger, progress bar, model summary or checkpoint callback;
+    ``kwargs`` (``max_steps``, ``callbacks``, ...) as for ``pl.Trainer``."""
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    return pl.Trainer(default_root_dir=root, **(quiet | kwargs))
 
 
 def tiny_roberta(num_labels: int = 2, dropout: float = 0.0) -> RobertaForSequenceClassification:

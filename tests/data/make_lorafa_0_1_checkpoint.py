@@ -23,7 +23,7 @@ def data(n=24, batch_size=4):
 
 
 class Scheduled(pl.LightningModule):
-    """The hyper-parameters of tests/test_user_choices.py's ``Scheduled``."""
+    """The hyper-parameters of tests/lightning/test_user_choices.py's ``Scheduled``."""
 
     def __init__(self, scheduler="none", lr=1e-3, optimizer="adamw", eps=1e-6):
         super().__init__()

@@ -22,7 +22,7 @@ TOKENS = torch.arange(3, 3 + 2 * 8).remainder(VOCAB).view(2, 8)
 
 
 class Tuned(pl.LightningModule):
-    """The module of tests/test_compatibility.py's ``Tuned``."""
+    """The module of tests/lightning/test_compatibility.py's ``Tuned``."""
 
     def __init__(self, lr: float = 1e-2) -> None:
         super().__init__()
