@@ -102,8 +102,8 @@ def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 FUSED_MIN_NUMEL = 2**24
 #: CPU tensors of at least this many entries take ``_SeededDropout`` too (its CPU ``dropout_mul``: mask, product,
 #: in-place scale): there the extra pass and allocation of the product's backward (``grad * (mask * scale)``)
-#: outweigh a Python node; measured with ``benchmarks/dropout_paths.py`` (on a 2-core EPYC the fused path's fwd + bwd
-#: is 1.1-1.5x faster from 2**18 entries in the committed table, 1.0-2.6x across runs; level at 2**17).
+#: outweigh a Python node. The threshold comes from ``benchmarks/dropout_paths.py`` (its table is in
+#: benchmarks/README.md).
 CPU_FUSED_MIN_NUMEL = 2**18
 
 

@@ -70,12 +70,12 @@ def dropped_levels(p: float) -> int:
 
 def effective_p(p: float) -> float:
     """The drop probability the kernels realise for ``p``: ``p`` rounded to a multiple of 1 / 2**16."""
-    return dropped_levels(p) / LEVELS
+    return min(round(p * LEVELS), LEVELS - 1) / LEVELS  # dropped_levels(p) / LEVELS: called for every mask
 
 
 def keep_scale(p: float) -> float:
     """The factor kept entries are multiplied by: ``1 / (1 - effective_p(p))``."""
-    return 1.0 / (1.0 - effective_p(p))
+    return 1.0 / (1.0 - min(round(p * LEVELS), LEVELS - 1) / LEVELS)  # called for every branch and mask
 
 
 def uses_triton(x: torch.Tensor) -> bool:
