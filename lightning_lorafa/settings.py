@@ -25,6 +25,7 @@ Recompute = Literal["none", "mlp", "block"]
 INIT_A = ("kaiming", "orthogonal")
 RECOMPUTE_MODES = ("none", "mlp", "block")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+CHUNKED_LOSS = ("auto", True, False)
 #: The fields that decide the adapters' tensors: what a converted model, an adapter file and a checkpoint share.
 ADAPTER_FIELDS = (
     "r",
@@ -93,6 +94,17 @@ class LoraFASettings:
         "backward) or 'block' (whole transformer blocks are checkpointed).",
         default="none",
     )
+    chunked_loss: bool | str = _help(
+        "A causal LM's training loss from its hidden states in chunks of tokens, never keeping (tokens x "
+        "vocabulary) logits: 'auto' (every causal LM whose loss it knows; others keep their own, named in the log), "
+        "True (refuse a model it does not know) or False. In training, outputs.logits then holds no logits.",
+        default="auto",
+    )
+    offload_activations: bool = _help(
+        "Move what the model's forward saves for backward (tensors of 1 MiB or more on a GPU, not parameters) to "
+        "pinned CPU memory, and back in backward. Pairs with recompute='block'; costs transfer time.",
+        default=False,
+    )
     vocabulary_rows: dict[str, int] = field(
         default_factory=dict,
         init=False,
@@ -118,6 +130,13 @@ class LoraFASettings:
         if self.attn_implementation is not None:
             _check_choice(name, "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS, none=True)
         _check_choice(name, "recompute", self.recompute, RECOMPUTE_MODES)
+        _check_bool(name, "offload_activations", self.offload_activations)
+        if (
+            self.chunked_loss not in CHUNKED_LOSS
+            or isinstance(self.chunked_loss, int | float)
+            and not isinstance(self.chunked_loss, bool)
+        ):
+            raise ValueError(f"{name}(chunked_loss={self.chunked_loss!r}): chunked_loss must be one of {CHUNKED_LOSS}.")
 
     def settings_kwargs(self) -> dict[str, Any]:
         """Every setting of ``LoraFASettings`` as keyword arguments (``vocabulary_rows``, recorded, is not one)."""

@@ -2,6 +2,7 @@
 # The GPU checks of the project, each part one run of at most about 9.5 minutes on one H100/H200 (the timeouts):
 #   bash scripts/gpu_check.sh speed    # (default) CUDA tests, the benchmark at the paper's settings, eager and compiled
 #   bash scripts/gpu_check.sh memory   # LLaMA-7B, 4 and 32 layers, with and without recompute="mlp" (H200: 141 GB)
+#   bash scripts/gpu_check.sh llm      # chunked loss (Liger where its wheel is in .whl/), offload, Llama-3.2-1B shape
 # Results go to $OUT (default outputs/gpu). Packages missing on the machine can come as wheels in .whl/
 # (see benchmarks/README.md); they are installed into /tmp/site first.
 set -uo pipefail
@@ -22,6 +23,13 @@ if [ "$PART" = memory ]; then
     --recompute '["none","mlp"]' --repeats 3 --output_dir "$OUT/llama4-recompute" 2>&1 | tail -n 30
   timeout 300 python3 benchmarks/memory_speed.py --device cuda --models '["llama-7b"]' --cuda_layers 32 \
     --recompute '["none","mlp"]' --repeats 2 --output_dir "$OUT/llama32-recompute" 2>&1 | tail -n 30
+  exit 0
+fi
+if [ "$PART" = llm ]; then
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_chunked_loss.py tests/model/test_offload.py \
+    2>&1 | tee "$OUT/llm-tests.txt"
+  timeout 450 python3 benchmarks/llm_memory.py --device cuda --dtype bfloat16 --models '[llama-3.2-1b]' --tokens 8192 \
+    --steps 3 --alternate 3 --out "$OUT/llm" 2>&1 | tail -n 60
   exit 0
 fi
 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_kernels.py tests/adapters/test_dropout.py tests/adapters/test_layer.py \

@@ -27,7 +27,7 @@ LAYERS = {
 #: The recipes' packages (the ``recipes`` extra): the core imports none of them.
 RECIPE_PACKAGES = {"datasets", "jsonargparse", "sacrebleu", "nltk", "matplotlib", "torchdata", "torchmetrics", "yaml"}
 #: Optional back-ends, imported only by the code that uses them (never at the top of a module the package imports).
-OPTIONAL = {"triton", "bitsandbytes", "peft", "flash_attn", "gguf", "accelerate"}
+OPTIONAL = {"triton", "bitsandbytes", "peft", "flash_attn", "gguf", "accelerate", "liger_kernel"}
 #: Distribution name -> import name, where they differ.
 IMPORT_NAMES = {"typing-extensions": "typing_extensions"}
 

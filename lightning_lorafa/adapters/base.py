@@ -43,12 +43,18 @@ def add_lora_fa_branch(
     autograd's C++ engine: with A frozen it keeps ``h = (x * mask) A'^T`` (..., r) for B's gradient and never
     ``x``; the dropout keeps a seed, not a mask. Under autocast the products run in the autocast dtype.
     """
-    if p > 0.0:
-        x = apply_seeded_mask(x, p, 1.0)
-    out = F.linear(F.linear(x, scaled_A), lora_B)  # (..., r) -> (..., d_out)
+    out = F.linear(lora_fa_down(x, scaled_A, p), lora_B)  # (..., r) -> (..., d_out)
     if out.dtype != y.dtype:  # a quantized base computes in its own dtype while B stays float32
         out = out.to(y.dtype)
     return torch.add(y, out)
+
+
+def lora_fa_down(x: torch.Tensor, scaled_A: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+    """``h = (x * mask) A'^T`` (..., r): the branch's down-projection, all that backward keeps of it (with a seed
+    when ``p > 0``)."""
+    if p > 0.0:
+        x = apply_seeded_mask(x, p, 1.0)
+    return F.linear(x, scaled_A)
 
 
 def branch_dtype(x: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.dtype, torch.Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_lorafa.adapters.base import FROZEN, TRAINED, LoraFAAdapter, add_lora_fa_branch
+from lightning_lorafa.adapters.base import FROZEN, TRAINED, LoraFAAdapter, add_lora_fa_branch, lora_fa_down
 from lightning_lorafa.adapters.dropout_masks import keep_scale
 
 try:
@@ -111,6 +111,13 @@ class LoraFALinear(LoraFAAdapter):
         p = self.dropout if self.training else 0.0
         scaled_A, lora_B = self.branch_operands(x, self.scaling * keep_scale(p))  # keep_scale(0.0) is 1.0
         return add_lora_fa_branch(y, x, scaled_A, lora_B if rows is None else lora_B[rows], p)
+
+    def branch_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, B)`` of the branch on x (..., d_in): ``h = s * dropout(x) A^T`` (..., r) and B (d_out, r), so that
+        the branch is ``h B^T`` (for a consumer that multiplies by B itself, as the chunked loss does)."""
+        p = self.dropout if self.training else 0.0
+        scaled_A, lora_B = self.branch_operands(x, self.scaling * keep_scale(p))
+        return lora_fa_down(x, scaled_A, p), lora_B
 
     def _check_mergeable(self) -> None:
         if is_quantized(self.base):

@@ -8,7 +8,9 @@ plain PyTorch users call themselves:
 2. make a quantized (bitsandbytes) base keep no inputs for backward;
 3. choose the attention implementation;
 4. make the model's dropouts keep a seed instead of a mask;
-5. recompute what ``recompute`` asks for in backward.
+5. recompute what ``recompute`` asks for in backward;
+6. compute a causal LM's training loss without its logits (``chunked_loss``: ``lightning_lorafa.model.chunked_loss``);
+7. offload saved activations to CPU memory (``offload_activations``: ``lightning_lorafa.model.offload``).
 
 Each step logs what it did, by name, and what it left out. Then build any optimizer over the trainable
 parameters and call ``attach_gradient_correction(optimizer, model)`` (the callback does both for Lightning).
@@ -31,8 +33,10 @@ from lightning_lorafa.adapters.linear import is_quantized
 from lightning_lorafa.adapters.multihead import LoraFAMultiheadAttention, allow_the_fast_path, keep_off_the_fast_path
 from lightning_lorafa.adapters.router import LoraFARouter
 from lightning_lorafa.model.attention import set_attention_implementation
+from lightning_lorafa.model.chunked_loss import apply_chunked_loss, check_chunked_loss
 from lightning_lorafa.model.dropouts import keep_dropout_seeds
 from lightning_lorafa.model.merge import fold_on_save_pretrained, stop_folding_on_save_pretrained
+from lightning_lorafa.model.offload import MIN_OFFLOAD_BYTES, disable_offload, enable_offload
 from lightning_lorafa.model.quantization import keep_no_quantized_inputs
 from lightning_lorafa.model.recompute import apply_recompute
 from lightning_lorafa.model.select import (
@@ -206,6 +210,9 @@ class Preparation:
     kept_masks: dict[str, str] = field(default_factory=dict)  # dropouts that still keep a mask: name -> why
     own_attention: dict[str, str] = field(default_factory=dict)  # models left on attention of their own: name -> why
     recomputed: list[str] = field(default_factory=list)  # regions recomputed in backward
+    chunked_loss: list[str] = field(default_factory=list)  # causal LMs whose training loss is chunked
+    own_loss: dict[str, str] = field(default_factory=dict)  # causal LMs left with their own loss: name -> why
+    offload: bool = False  # saved activations move to CPU memory during the model's forward
     adopted: bool = False  # the model was converted already (with the same settings)
 
     def summary(self, model: nn.Module) -> list[str]:
@@ -246,6 +253,20 @@ class Preparation:
         lines += [f"LoRA-FA: {name} keeps its mask: {why}" for name, why in self.kept_masks.items()]
         if self.recomputed:
             lines.append(f"LoRA-FA: {len(self.recomputed)} regions recomputed in backward.")
+        lines += [
+            f"LoRA-FA: {name} computes its training loss in chunks, without (tokens x vocabulary) logits "
+            "(chunked_loss; outputs.logits holds none in training)."
+            for name in self.chunked_loss
+        ]
+        lines += [
+            f"LoRA-FA: {name} keeps its own loss and logits (chunked_loss): {why}."
+            for name, why in self.own_loss.items()
+        ]
+        if self.offload:
+            lines.append(
+                f"LoRA-FA: the saved activations of {type(model).__name__}'s forward of at least "
+                f"{MIN_OFFLOAD_BYTES >> 20} MiB on a GPU wait in CPU memory for backward (offload_activations)."
+            )
         return lines
 
 
@@ -270,6 +291,7 @@ def prepare_model(
     """
     settings = settings_with(settings, overrides, "prepare_model")
     model = _compat.uncompiled(model)  # a torch.compile'd model: the model it compiled, prepared in place
+    check_chunked_loss(model, settings.chunked_loss)
     done = Preparation()
     config = getattr(model, "lorafa_config", None)
     if config is None:
@@ -287,6 +309,11 @@ def prepare_model(
         done.dropouts, done.kept_masks, done.own_attention = keep_dropout_seeds(model)
     if settings.recompute != "none":
         done.recomputed = apply_recompute(model, settings.recompute)
+    done.chunked_loss, done.own_loss = apply_chunked_loss(model, settings.chunked_loss)
+    if settings.offload_activations:  # after the chunked loss: its hooks run inside the offloaded forward
+        done.offload = enable_offload(model) is not None
+    else:
+        disable_offload(model)
     return done
 
 

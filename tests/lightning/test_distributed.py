@@ -36,17 +36,18 @@ def run_worker(kind: str, out: Path) -> tuple[dict, dict]:
     return tuple(torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1))
 
 
-def single_process_run(root: Path, moe: bool = False) -> dict[str, torch.Tensor]:
+def single_process_run(root: Path, moe: bool = False, lm: bool = False) -> dict[str, torch.Tensor]:
     """B and head after 2 epochs on one process, batch 8 (what 2 ranks with batch 4 each see per step)."""
     pl.seed_everything(0, verbose=False)
+    head = "lm_head" if lm else "score" if moe else "classifier"
     trainer = quiet_trainer(
         root,
-        accelerator='cpu',
+        accelerator="cpu",
         devices=1,
         max_epochs=EPOCHS,
-        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=['score' if moe else 'classifier'], attn_implementation=None)],
+        callbacks=[LoraFA(r=4, alpha=8, modules_to_save=[head], attn_implementation=None)],
     )
-    trainer.fit(Classifier(shard=False, moe=moe), data(batch_size=8))
+    trainer.fit(Classifier(shard=False, moe=moe, lm=lm), data(batch_size=8))
     assert trainer.global_step == 4
     return trained_tensors(trainer)
 
@@ -326,3 +327,19 @@ def test_two_processes_train_fused_experts_like_one_and_resume_exactly(kind, tmp
     assert rank0["types"] == ("DTensor" if kind == "fsdp2-moe" else "Parameter", local, "Tensor", (4, 4, 64))
     state = torch.load(tmp_path / "first" / "half.ckpt", weights_only=False)["state_dict"]
     assert state["model.model.layers.0.mlp.experts.adapters.down_proj.lora_B"].shape == (4, 32, 4)
+
+
+@pytest.fixture(scope="module")
+def single_process_lm_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The same for the tiny LLaMA causal LM (its loss chunked, its untied lm_head trained fully)."""
+    return single_process_run(tmp_path_factory.mktemp("lm-reference"), lm=True)
+
+
+@pytest.mark.parametrize("kind", ["ddp-lm", "fsdp2-lm"])
+def test_two_processes_train_a_causal_lm_with_the_chunked_loss_like_one_and_resume_exactly(
+    kind, tmp_path, single_process_lm_reference
+):
+    rank0, rank1 = run_worker(kind, tmp_path)
+    assert rank0["chunked_loss"] and rank1["chunked_loss"]
+    check_two_process_run(rank0, rank1, single_process_lm_reference, num_B=14)
+    assert single_process_lm_reference["model.lm_head.weight"].shape == (96, 32)  # the head's gradient, chunked

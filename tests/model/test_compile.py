@@ -61,7 +61,8 @@ def test_compiled_step_equals_eager(build, tmp_path):
         loss.backward()
         grads.append((loss.detach(), [layer.lora_B.grad.clone() for layer in lorafa_layers(model).values()]))
     (loss, grad), (eager_loss, eager_grad) = grads
-    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    # the same dropout masks; AOTAutograd decomposes the chunked loss's logsumexp, which may round one ulp apart
+    torch.testing.assert_close(loss, eager_loss, rtol=5e-7, atol=0)
     assert len(grad) == len(eager_grad) > 0
     for g, e in zip(grad, eager_grad, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)

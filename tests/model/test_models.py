@@ -178,7 +178,8 @@ def test_own_attention_keeps_masks_only_where_its_code_drops_inline(name):
     from lightning_lorafa.profiling import measure_saved_activations
 
     model = build(name, 0.1).train()
-    done = prepare_model(model, r=4, alpha=8, dropout=0.1, modules_to_save=[])
+    # the test reads the logits of a training forward with labels: the model's own loss (chunked_loss=False)
+    done = prepare_model(model, r=4, alpha=8, dropout=0.1, modules_to_save=[], chunked_loss=False)
     assert list(done.own_attention) == [type(model).__name__]
     kept = {key: why.split(".forward", 1)[0] for key, why in done.kept_masks.items()}
     assert kept == OWN_ATTENTION_KEPT_MASKS[name]

@@ -1,7 +1,10 @@
 """Two-process CPU (gloo) training for tests/lightning/test_distributed.py, launched by Lightning's own launcher.
 
-Usage: ``python tests/workers/distributed_worker.py {ddp|fsdp2|fsdp2-sharded|fsdp2-meta|ddp-moe|fsdp2-moe} OUT_DIR``.
-``*-moe``: a tiny Mixtral classifier, whose fused experts get LoRA-FA adapters, instead of RoBERTa.
+Usage: ``python tests/workers/distributed_worker.py KIND OUT_DIR``, KIND one of ddp, fsdp2, fsdp2-sharded, fsdp2-meta,
+ddp-moe, fsdp2-moe, ddp-lm, fsdp2-lm. ``*-moe``: a tiny Mixtral classifier, whose fused experts get LoRA-FA adapters,
+instead of RoBERTa.
+``*-lm``: a tiny LLaMA causal LM trained on next tokens, its loss chunked (``chunked_loss``) and its untied
+``lm_head`` trained fully.
 ``fsdp2-meta``: the model is built on the meta device, converted, sharded, then materialised with ``to_empty``,
 its base weights loaded and each LoRA-FA layer's ``reset_parameters()`` called, as for a model too large for
 CPU. Lightning starts rank 1 by running this script again. It fits 2 epochs straight, then 1 epoch with a
@@ -19,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
-from conftest import VOCAB, tiny_mixtral, tiny_roberta  # noqa: E402
+from conftest import VOCAB, tiny_llama, tiny_mixtral, tiny_roberta  # noqa: E402
 
 from lightning_lorafa import (
     LoraFA,
@@ -36,10 +39,10 @@ LR = 1e-2
 class Classifier(pl.LightningModule):
     """Tiny RoBERTa classifier; ``shard=True`` builds it in ``configure_model`` and applies FSDP2 there."""
 
-    def __init__(self, shard: bool, meta: bool = False, moe: bool = False) -> None:
+    def __init__(self, shard: bool, meta: bool = False, moe: bool = False, lm: bool = False) -> None:
         super().__init__()
-        self.shard, self.meta = shard, meta
-        self.build = tiny_mixtral if moe else tiny_roberta
+        self.shard, self.meta, self.lm = shard, meta, lm
+        self.build = tiny_llama if lm else tiny_mixtral if moe else tiny_roberta
         self.model = None if shard else self.build().train()
 
     def configure_model(self) -> None:
@@ -62,7 +65,7 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         input_ids, labels = batch
-        return self.model(input_ids=input_ids, labels=labels).loss
+        return self.model(input_ids=input_ids, labels=input_ids if self.lm else labels).loss
 
     def train_dataloader(self) -> DataLoader:
         return data(world_size=self.trainer.world_size, rank=self.trainer.global_rank)
@@ -77,8 +80,10 @@ def load_base_weights(model: torch.nn.Module) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     pretrained = tiny_roberta()
-    state = {name.replace(".weight", ".base.weight").replace(".bias", ".base.bias") if _adapted(model, name) else name:
-             value for name, value in pretrained.state_dict().items()}
+    state = {
+        name.replace(".weight", ".base.weight").replace(".bias", ".base.bias") if _adapted(model, name) else name: value
+        for name, value in pretrained.state_dict().items()
+    }
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     buffers = dict(pretrained.named_buffers())
     with torch.no_grad():
@@ -123,7 +128,7 @@ class RecordSyncedBuffers(pl.Callback):
 
 def head(kind: str) -> str:
     """The classification head the run trains fully: RoBERTa's ``classifier``, Mixtral's ``score``."""
-    return "score" if kind.endswith("-moe") else "classifier"
+    return {"moe": "score", "lm": "lm_head"}.get(kind.rpartition("-")[2], "classifier")
 
 
 def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl.Trainer:
@@ -144,7 +149,9 @@ def fit(kind: str, root: Path, epochs: int, ckpt_path: Path | None = None) -> pl
         default_root_dir=root,
         use_distributed_sampler=False,
     )
-    module = Classifier(shard=kind.startswith("fsdp2"), meta=kind == "fsdp2-meta", moe=kind.endswith("-moe"))
+    module = Classifier(
+        shard=kind.startswith("fsdp2"), meta=kind == "fsdp2-meta", moe=kind.endswith("-moe"), lm=kind.endswith("-lm")
+    )
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
@@ -164,6 +171,7 @@ def main(kind: str, out: Path) -> None:
     rank = straight.global_rank
     result = {"straight": trained_tensors(straight), "world_size": straight.world_size}
     result["synced_buffers"] = getattr(straight.lightning_module, "synced_buffers", None)
+    result["chunked_loss"] = hasattr(straight.lightning_module.model, "lorafa_chunked_loss")
     first = fit(kind, out / "first", EPOCHS - 1)
     checkpoint = out / "first" / "half.ckpt"
     first.save_checkpoint(checkpoint)
