@@ -72,12 +72,12 @@ class LogitsNotKept:
             f"LoRA-FA: {model_name}'s training forward computed its loss with chunked_loss on, without the "
             "(tokens x vocabulary) logits, so outputs.logits holds none. To read logits in training, pass "
             "chunked_loss=False (LoraFA(chunked_loss=False), prepare_model(..., chunked_loss=False), or "
-            "--lorafa.chunked_loss=false); evaluation, prediction and generation (model.eval(), torch.no_grad(), "
-            "or no labels) return logits as usual."
+            "chunked_loss: false in the LoraFA callback's init_args of a lorafa config); evaluation, prediction "
+            "and generation (model.eval(), torch.no_grad(), or no labels) return logits as usual."
         )
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("_"):  # dunders and the message itself (copy, pickle): plain attribute lookups
             raise AttributeError(name)
         raise AttributeError(self._message)
 
@@ -266,6 +266,11 @@ def check_chunked_loss(model: nn.Module, setting: bool | str) -> None:
     """Raise ``ValueError`` (saying why) when ``setting`` is True and a causal LM in ``model`` is not supported;
     what ``prepare_model`` checks before it changes anything."""
     if setting is True:
+        if not causal_lms(model):
+            raise ValueError(
+                f"chunked_loss=True: {type(model).__name__} holds no causal LM (a transformers *ForCausalLM or "
+                "*LMHeadModel), whose loss it computes. Pass chunked_loss=False or 'auto'."
+            )
         for lm in causal_lms(model).values():
             why = chunked_loss_support(lm)
             if why is not None:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import transformers as tf
-from conftest import ROOT, VOCAB, Tuner, quiet_trainer, tiny_llama
+from conftest import ROOT, VOCAB, Tuner, quiet_trainer, tiny_llama, tiny_roberta
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lorafa import LoraFA, prepare_model
@@ -171,6 +171,9 @@ def test_training_logits_say_which_setting_to_change():
     out = model(**lm_batch())
     assert isinstance(out.logits, LogitsNotKept)
     assert out.to_tuple()[0] is out.loss  # the loss stays the output's first item
+    copied = copy.deepcopy(out.logits)  # copying an output is no use of the logits
+    with pytest.raises(AttributeError, match="chunked_loss=False"):
+        copied.sum()
     for use in (lambda x: x.argmax(-1), lambda x: torch.argmax(x), lambda x: x[:, -1], lambda x: x.float(), len):
         with pytest.raises((AttributeError, RuntimeError), match="chunked_loss=False"):
             use(out.logits)
@@ -208,6 +211,9 @@ def test_models_whose_loss_is_unknown_are_refused_or_named(caplog):
     assert any("keeps its own loss and logits (chunked_loss): LlamaForCausalLM has a loss_function" in x for x in lines)
     with pytest.raises(ValueError, match="chunked_loss must be one of"):
         LoraFA(chunked_loss="yes")
+    with pytest.raises(ValueError, match="RobertaForSequenceClassification holds no causal LM"):
+        prepare_model(tiny_roberta(), r=4, chunked_loss=True)
+    assert prepare_model(tiny_roberta(), r=4).chunked_loss == []  # "auto": nothing to do, nothing said
 
 
 def test_prepare_model_turns_it_on_by_default_and_logs_it():

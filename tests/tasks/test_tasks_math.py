@@ -146,6 +146,7 @@ def test_generation_round_trip_scores_gsm8k(math_checkpoint: str, tmp_path: Path
         callbacks=[LoraFA(r=16, alpha=32)],
     )
     trainer.fit(module, data)
+    assert hasattr(module.model, "lorafa_chunked_loss")  # the task trained with the loss without the logits
     (metrics,) = trainer.validate(module, data, verbose=False)
 
     batch = data.prompt_collate([data.datasets["val"][i] for i in range(6)])
