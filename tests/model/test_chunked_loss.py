@@ -298,3 +298,13 @@ def test_liger_kernel_equals_the_chunks_on_cuda():
         torch.testing.assert_close(fused, chunks, rtol=1e-4, atol=1e-5)
         for a, b in zip(torch.autograd.grad(fused, (x, weight)), torch.autograd.grad(chunks, (x, weight)), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_a_moe_models_router_loss_is_added_as_the_model_adds_it():
+    model = ARCHS["Mixtral"].build(0.0)
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = 0.5  # large enough to show
+    model, reference = converted_pair(model)
+    out = model(**lm_batch())
+    assert out.aux_loss is not None and out.aux_loss > 0
+    assert_same_loss_and_gradients(model, reference, lm_batch())
