@@ -242,7 +242,7 @@ def enable_chunked_loss(model: nn.Module) -> ChunkedLoss:
         return existing
     why = chunked_loss_support(model)
     if why is not None:
-        raise ValueError(f"chunked_loss=True: {why}. Pass chunked_loss=False (or 'auto', which leaves such models be).")
+        raise _refusal(why)
     hooks = ChunkedLoss()
     hooks.handles = [
         model.register_forward_pre_hook(hooks.before_forward, with_kwargs=True),
@@ -265,18 +265,23 @@ def disable_chunked_loss(model: nn.Module) -> bool:
 def check_chunked_loss(model: nn.Module, setting: bool | str) -> None:
     """Raise ``ValueError`` (saying why) when ``setting`` is True and a causal LM in ``model`` is not supported;
     what ``prepare_model`` checks before it changes anything."""
-    if setting is True:
-        if not causal_lms(model):
-            raise ValueError(
-                f"chunked_loss=True: {type(model).__name__} holds no causal LM (a transformers *ForCausalLM or "
-                "*LMHeadModel), whose loss it computes. Pass chunked_loss=False or 'auto'."
-            )
-        for lm in causal_lms(model).values():
-            why = chunked_loss_support(lm)
-            if why is not None:
-                raise ValueError(
-                    f"chunked_loss=True: {why}. Pass chunked_loss=False (or 'auto', which leaves such models be)."
-                )
+    if setting is not True:
+        return
+    lms = causal_lms(model)
+    if not lms:
+        raise ValueError(
+            f"chunked_loss=True: {type(model).__name__} holds no causal LM (a transformers *ForCausalLM or "
+            "*LMHeadModel), whose loss it computes. Pass chunked_loss=False or 'auto'."
+        )
+    for lm in lms.values():
+        why = chunked_loss_support(lm)
+        if why is not None:
+            raise _refusal(why)
+
+
+def _refusal(why: str) -> ValueError:
+    """The error of ``chunked_loss=True`` on a causal LM it does not support, saying ``why``."""
+    return ValueError(f"chunked_loss=True: {why}. Pass chunked_loss=False (or 'auto', which leaves such models be).")
 
 
 def apply_chunked_loss(model: nn.Module, setting: bool | str) -> tuple[list[str], dict[str, str]]:
