@@ -55,6 +55,49 @@ def quiet_trainer(root: Path, **kwargs) -> pl.Trainer:
     return pl.Trainer(default_root_dir=root, **(quiet | kwargs))
 
 
+def byte_level_tokenizer(texts: list[str], vocab_size: int, extra_special_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on ``texts``: ids 0, 1, 2 are ``<pad>``, ``<s>``, ``</s>``, then
+    ``extra_special_tokens``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>", *extra_special_tokens]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=list(extra_special_tokens),
+    )
+
+
+def tiny_causal_llama(vocab_size: int, max_position_embeddings: int = 512) -> LlamaForCausalLM:
+    """A 2-layer LLaMA causal LM (hidden 64, 4 heads, 2 key/value heads), seeded, with ``byte_level_tokenizer``'s
+    pad/bos/eos ids."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max_position_embeddings,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+
+
 def tiny_roberta(num_labels: int = 2, dropout: float = 0.0) -> RobertaForSequenceClassification:
     torch.manual_seed(0)
     config = RobertaConfig(

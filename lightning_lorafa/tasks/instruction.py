@@ -20,7 +20,6 @@ from lightning_lorafa.tasks.common import (
     load_pretrained,
     load_splits,
     load_tokenizer,
-    stateful_loader,
 )
 from lightning_lorafa.tasks.mmlu import (
     MMLUAccuracy,
@@ -173,21 +172,11 @@ class InstructionDataModule(TaskDataModule):
         examples = encode_questions(questions, shots, self.tokenizer, self.mmlu_shots, self.mmlu_max_length)
         self.datasets["mmlu"] = Dataset.from_list(examples)
 
-    def mmlu_loader(self) -> DataLoader:
-        """Batches of right-padded MMLU prompts with their `answer` and `subject` index."""
-        return stateful_loader(
-            self.datasets["mmlu"],
-            batch_size=self.eval_batch_size,
-            collate_fn=self.mmlu_collate,
-            num_workers=self.num_workers,
-            seed=self.seed,
-        )
-
     def val_dataloader(self) -> DataLoader:
-        return self.mmlu_loader()
+        return self.loader("mmlu", collate_fn=self.mmlu_collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self.mmlu_loader()
+        return self.loader("mmlu", collate_fn=self.mmlu_collate)
 
 
 class InstructionTuner(TaskModule):

@@ -29,7 +29,6 @@ from lightning_lorafa.tasks.common import (
     load_pretrained,
     load_splits,
     load_tokenizer,
-    stateful_loader,
 )
 from lightning_lorafa.tasks.instruction import encode_instruction
 from lightning_lorafa.tasks.packing import pack_dataset, training_collator
@@ -211,21 +210,11 @@ class MathDataModule(TaskDataModule):
 
             self.datasets[name] = split.map(encode, remove_columns=split.column_names)
 
-    def question_loader(self, name: str) -> DataLoader:
-        """Batches of left-padded GSM8K prompts with their gold answers."""
-        return stateful_loader(
-            self.datasets[name],
-            batch_size=self.eval_batch_size,
-            collate_fn=self.prompt_collate,
-            num_workers=self.num_workers,
-            seed=self.seed,
-        )
-
     def val_dataloader(self) -> DataLoader:
-        return self.question_loader("val")
+        return self.loader("val", collate_fn=self.prompt_collate)
 
     def test_dataloader(self) -> DataLoader:
-        return self.question_loader("test")
+        return self.loader("test", collate_fn=self.prompt_collate)
 
 
 class MathTuner(TaskModule):

@@ -61,6 +61,34 @@ def overrides(config: str, checkpoints: dict[str, str], tmp: Path) -> list[str]:
             "--data.init_args.eval_data_files",
             f"{{test: {data / 'gsm8k_sample.jsonl'}}}",
         ]
+    if model_class == "CodeTuner":
+        data = ROOT / "tests" / "data"
+        return [
+            "--model.init_args.model_name_or_path",
+            checkpoints["llama"],
+            "--model.init_args.max_new_tokens",
+            "4",
+            "--data.init_args.data_files",
+            f"{{train: {data / 'code_feedback_sample.jsonl'}}}",
+            "--data.init_args.humaneval_file",
+            str(data / "humaneval_sample.jsonl"),
+        ]
+    if model_class == "ChatTuner":
+        data = ROOT / "tests" / "data"
+        return [
+            "--model.init_args.model_name_or_path",
+            checkpoints["llama"],
+            "--model.init_args.max_new_tokens",
+            "4",
+            "--model.init_args.judge",
+            "null",
+            "--model.init_args.output_dir",
+            "null",
+            "--data.init_args.data_files",
+            f"{{train: {data / 'chat_sharegpt.json'}}}",
+            "--data.init_args.mt_bench_file",
+            str(data / "mt_bench_questions.jsonl"),
+        ]
     if model_class == "Translator":
         stem = write_text_pairs(tmp / "wmt")
         return [
@@ -94,6 +122,8 @@ def test_configs_cover_the_tasks() -> None:
     t5 = {f"configs/t5/{size}.yaml" for size in ("small", "base", "large")}
     llama = {"configs/llama/alpaca.yaml", "configs/llama/flanv2.yaml", "configs/llama/smollm2_alpaca.yaml"}
     llama |= {f"configs/llama/metamath_gsm8k{v}.yaml" for v in ("", "_all_linear", "_llama2_7b")}
+    llama |= {"configs/llama/code_humaneval.yaml", "configs/llama/code_humaneval_llama2_7b.yaml"}
+    llama |= {"configs/llama/smollm2_code.yaml", "configs/llama/wizardlm_mt_bench.yaml"}
     assert set(CONFIGS) == glue | t5 | llama | {"configs/demo.yaml"}
 
 

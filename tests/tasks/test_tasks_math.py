@@ -9,10 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import torch
-from conftest import quiet_trainer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import byte_level_tokenizer, quiet_trainer, tiny_causal_llama
 
 from lightning_lorafa import LoraFA
 from lightning_lorafa.tasks import MathDataModule, MathTuner
@@ -28,29 +25,8 @@ def math_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny LLaMA and a byte-level BPE tokenizer trained on the fixture rows, saved with save_pretrained."""
     texts = [row["query"] + " " + row["response"] for row in json.loads(Path(METAMATH).read_text())]
     texts += [json.loads(line)["question"] for line in Path(GSM8K).read_text().splitlines()]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    )
+    tokenizer = byte_level_tokenizer(texts, vocab_size=400)
+    model = tiny_causal_llama(len(tokenizer))
     path = tmp_path_factory.mktemp("math") / "llama"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
