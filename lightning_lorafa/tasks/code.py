@@ -326,6 +326,8 @@ class CodeTuner(TaskModule):
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
+        # trainer.log_dir broadcasts from rank 0: every process asks for it, before only rank 0 goes on.
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         passed = 0.0
         if self.trainer.is_global_zero:
             # A distributed sampler may repeat problems to even out the ranks: each counts once.
@@ -333,17 +335,16 @@ class CodeTuner(TaskModule):
             problems, codes = [p for p, _ in unique.values()], [c for _, c in unique.values()]
             results = humaneval.execute(problems, codes, **self.execution)
             passed = humaneval.pass_at_1(results)
-            self.write_results(stage, codes, results)
+            if log_dir is not None:
+                self.write_results(Path(log_dir), stage, codes, results)
         passed = self.trainer.strategy.broadcast(passed)
         self.log(f"{stage}/humaneval/pass@1", passed, prog_bar=True)  # the same value on every process
 
-    def write_results(self, stage: str, codes: list[str], results: list[dict[str, Any]]) -> None:
-        """Each problem's completion and result, one json line each, in the logger's directory (if there is one)."""
-        if self.trainer.log_dir is None or self.trainer.logger is None:
-            return
+    def write_results(self, log_dir: Path, stage: str, codes: list[str], results: list[dict[str, Any]]) -> None:
+        """Each problem's completion and result, one json line each, in the logger's directory `log_dir`."""
         fitting = self.trainer.state.fn == "fit"  # `lorafa test/validate` runs get no step (global_step is 0 there)
         name = f"humaneval-{stage}-step{self.trainer.global_step}.jsonl" if fitting else f"humaneval-{stage}.jsonl"
-        path = Path(self.trainer.log_dir) / name
+        path = log_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as file:
             for code, result in zip(codes, results, strict=True):

@@ -289,3 +289,37 @@ def test_lorafa_fit_then_test_with_the_code_config(
         "Sample/1",
         "Sample/2",
     ]
+
+
+def test_two_ddp_processes_complete_each_problem_once_and_rank_0_runs_them(
+    task_checkpoints: dict[str, str], tmp_path: Path
+) -> None:
+    """`lorafa validate` on 2 CPU processes (gloo), one problem a batch, 3 problems: the distributed sampler gives
+    rank 1 a copy of the first problem to even out the shares; the harness runs each problem once and both ranks log
+    the pass@1 of that one run."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        str(Path(sys.executable).parent / "lorafa"), "validate",
+        "--config", str(root / "configs/llama/code_humaneval.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.precision", "32-true",
+        "--model.init_args.model_name_or_path", task_checkpoints["llama"],
+        "--model.init_args.dtype", "float32", "--model.init_args.max_new_tokens", "4",
+        "--data.init_args.humaneval_file", PROBLEMS, "--data.init_args.eval_batch_size", "1",
+        "--data.init_args.max_val_problems", "3",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    (results,) = (tmp_path / "outputs").rglob("humaneval-val.jsonl")
+    written = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["task_id"] for r in written) == ["Sample/0", "Sample/1", "Sample/2"]
+    printed = re.search(r"val/humaneval/pass@1\s*[│|]?\s*([\d.]+)", output)
+    assert printed is not None, output[-3000:]
+    assert float(printed.group(1)) == pytest.approx(sum(r["passed"] for r in written) / 3)
