@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
@@ -36,6 +35,7 @@ from lightning_lorafa.tasks.common import (
     TaskModule,
     check_data_files,
     check_positive,
+    gather_objects,
     load_pretrained,
     load_splits,
     load_tokenizer,
@@ -150,11 +150,6 @@ def encode_chat(messages: list[Message], tokenizer: PreTrainedTokenizerBase, max
         labels[len(prompt) : len(turn)] = turn[len(prompt) :]
     ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def distributed() -> bool:
-    """Whether this process is one of several of an initialized process group."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def collate_questions(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -356,10 +351,7 @@ class ChatTuner(TaskModule):
 
     def gathered_answers(self) -> list[dict[str, Any]]:
         """Every process's answers, once per question, in question order."""
-        parts = [self.answers]
-        if distributed():
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, self.answers)
+        parts = gather_objects(self.answers)
         unique = {row["index"]: row for part in parts for row in part}
         return [unique[i] for i in sorted(unique)]
 
@@ -370,10 +362,7 @@ class ChatTuner(TaskModule):
         if self.trainer.sanity_checking:
             return
         summary = self.judge_and_write(rows, stage) if self.trainer.is_global_zero else None
-        if distributed():
-            box = [summary]
-            dist.broadcast_object_list(box, src=0)
-            summary = box[0]
+        summary = self.trainer.strategy.broadcast(summary)
         self.log(f"{stage}/mt_bench/questions", float(len(rows)))
         for key, value in (summary or {}).items():
             self.log(f"{stage}/mt_bench/{key}", value, prog_bar=key == "score")

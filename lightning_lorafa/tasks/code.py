@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForCausalLM,
@@ -37,6 +36,7 @@ from lightning_lorafa.tasks.common import (
     check_columns,
     check_data_files,
     check_positive,
+    gather_objects,
     load_pretrained,
     load_splits,
     load_tokenizer,
@@ -322,10 +322,7 @@ class CodeTuner(TaskModule):
         mine, self.completions[stage] = self.completions[stage], []
         if self.trainer.sanity_checking:  # a few batches before training: nothing to score yet
             return
-        gathered = [mine]
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mine)
+        gathered = gather_objects(mine)
         # trainer.log_dir broadcasts from rank 0: every process asks for it, before only rank 0 goes on.
         log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         passed = 0.0

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from datasets import Dataset, DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -129,6 +130,16 @@ def carve_validation(splits: DatasetDict, validation_size: int | None, seed: int
         )
     parts = splits["train"].train_test_split(test_size=validation_size, seed=seed)
     return DatasetDict({**splits, "train": parts["train"], "validation": parts["test"]})
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` from every process of the process group, in rank order (`[obj]` without one): the evaluation tasks
+    gather their generations this way so that the first process scores them all."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def stateful_loader(
