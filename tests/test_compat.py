@@ -122,6 +122,68 @@ def test_the_checker_finds_private_imports_and_attributes(tmp_path):
     ]
 
 
+#: Module methods users' models are called through: ``forward``, and the MLP chunk transformers' BERT family calls.
+FORWARD_METHODS = ("forward", "feed_forward_chunk")
+
+
+def _makes_a_callable(value: ast.AST | None) -> bool:
+    """A lambda, ``functools.partial(...)`` or ``types.MethodType(...)``: what shadows a method on an instance."""
+    return isinstance(value, ast.Lambda) or (
+        isinstance(value, ast.Call) and ast.unparse(value.func).split(".")[-1] in ("partial", "MethodType")
+    )
+
+
+def instance_patches(path: Path) -> list[str]:
+    """``module:line code`` for each place ``path`` replaces a method on an object: an attribute or ``setattr``
+    named ``forward``/``feed_forward_chunk``, or set to a lambda, partial or bound method, and any use of
+    ``types.MethodType``. Behaviour is added by hooks, by a subclass, or by assigning ``__class__`` as torch's
+    ``fully_shard`` does, never by shadowing a method on the instance."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute) and (
+                    target.attr in FORWARD_METHODS or _makes_a_callable(node.value)
+                ):
+                    found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
+            named = _attribute_call(node, ("setattr",)) and node.args[1].value in FORWARD_METHODS
+            if named or (len(node.args) > 2 and _makes_a_callable(node.args[2])):
+                found.append((node.lineno, ast.unparse(node)))
+        elif (isinstance(node, ast.Attribute) and node.attr == "MethodType") or (
+            isinstance(node, ast.Name) and node.id == "MethodType"
+        ):
+            found.append((node.lineno, ast.unparse(node)))
+    return [f"{path.name}:{line} {code}" for line, code in sorted(found)]
+
+
+def test_no_module_replaces_a_method_on_an_instance():
+    offenders = [use for path in sorted(PACKAGE.rglob("*.py")) for use in instance_patches(path)]
+    assert offenders == []
+
+
+def test_the_checker_finds_instance_patches(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import functools, types\n"
+        "def f(module, method, fn):\n"
+        "    module.forward = functools.partial(fn, module)\n"
+        "    setattr(module, method, types.MethodType(fn, module))\n"
+        "    setattr(module, 'feed_forward_chunk', fn)\n"
+        "    module.__class__ = type(module)\n"
+        "    module.scale = 2.0\n"
+        "    setattr(module, method, 3)\n"
+        "    module.hook = lambda *args: None\n"
+    )
+    assert instance_patches(sample) == [
+        "sample.py:3 module.forward = functools.partial(fn, module)",
+        "sample.py:4 setattr(module, method, types.MethodType(fn, module))",
+        "sample.py:4 types.MethodType",
+        "sample.py:5 setattr(module, 'feed_forward_chunk', fn)",
+        "sample.py:9 module.hook = lambda *args: None",
+    ]
+
+
 BREAK = {
     "saved_tensors_hooks": "import torch._C._autograd as m; del m._push_saved_tensors_default_hooks",
     "softmax_backward": "import torch; del torch._softmax_backward_data",

@@ -188,4 +188,4 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 
 def is_quantized(linear: nn.Module | None) -> bool:
     """Whether ``linear`` is a bitsandbytes quantized linear (``Linear4bit``, ``Linear8bitLt``, ...)."""
-    return linear is not None and type(linear).__module__.startswith("bitsandbytes.")
+    return linear is not None and any(c.__module__.startswith("bitsandbytes.") for c in type(linear).__mro__)

@@ -49,7 +49,8 @@ def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
         ValueError: the model names no block classes, or none of them occurs in it.
     """
     names = set(_compat.no_split_modules(model))
-    found = {type(m) for m in model.modules() if type(m).__name__ in names}
+    # By the classes a module is an instance of: recompute="mlp" gives a BERT/RoBERTa layer a subclass.
+    found = {type(m) for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)}
     if not found:
         raise ValueError(
             f"{type(model).__name__} names no transformer block classes (_no_split_modules={sorted(names)}) that "

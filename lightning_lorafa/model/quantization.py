@@ -14,7 +14,6 @@ no backward, so later training would silently drop the input gradient.
 
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Any
 
@@ -147,21 +146,52 @@ class _FrozenInt8Linear(torch.autograd.Function):
         return grad_x.view(ctx.x_shape), None, None
 
 
-def _int8_forward_keeping_no_input(module: nn.Module, module_forward: Any, x: torch.Tensor) -> torch.Tensor:
-    if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
-        return module_forward(x)  # a trainable int8 layer needs bitsandbytes' own backward
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return module_forward(x)
-    return _FrozenInt8Linear.apply(x, module, module_forward)
+class Int8LinearKeepingNoInput:
+    """Marks a ``Linear8bitLt`` whose class ``keep_no_quantized_inputs`` swapped for a subclass whose frozen
+    forward runs under ``_FrozenInt8Linear`` (``<Class>KeepingNoInput``).
+
+    The instance's attributes, parameters, state-dict keys and ``isinstance`` checks are unchanged; assigning
+    ``__class__`` is how torch's own ``fully_shard`` adds behaviour to a module in place.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        bitsandbytes_forward = super().forward
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return bitsandbytes_forward(x)  # a trainable int8 layer needs bitsandbytes' own backward
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return bitsandbytes_forward(x)
+        return _FrozenInt8Linear.apply(x, self, bitsandbytes_forward)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle by the bitsandbytes class; rebuilt through ``_keeping_no_input_class`` on load."""
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_keeping_no_input, (type(self).__mro__[2],), *reduced[2:])
+
+
+_KEEPING_NO_INPUT_CLASSES: dict[type, type] = {}
+
+
+def _keeping_no_input_class(cls: type) -> type:
+    """``<cls>KeepingNoInput``: ``cls`` (a ``Linear8bitLt`` class) with ``Int8LinearKeepingNoInput``'s forward."""
+    if cls not in _KEEPING_NO_INPUT_CLASSES:
+        bases, namespace = (Int8LinearKeepingNoInput, cls), {"__module__": __name__}
+        _KEEPING_NO_INPUT_CLASSES[cls] = type(f"{cls.__name__}KeepingNoInput", bases, namespace)
+    return _KEEPING_NO_INPUT_CLASSES[cls]
+
+
+def _new_keeping_no_input(cls: type) -> nn.Module:
+    """An empty instance of ``<cls>KeepingNoInput`` for unpickling (its state is set afterwards)."""
+    swapped = _keeping_no_input_class(cls)
+    return swapped.__new__(swapped)
 
 
 def keep_no_quantized_inputs(model: nn.Module) -> int:
     """Make the frozen bitsandbytes linears of ``model`` keep no input for backward; returns how many changed.
 
-    ``Linear8bitLt``: its forward runs under ``_FrozenInt8Linear`` (same output, same input gradient, no copy
-    of ``x`` kept). ``Linear4bit``: keeps only its packed weight already; its CPU inference repacking is turned
-    off, since a training forward after it has no backward. Idempotent; a model without bitsandbytes layers is
-    left alone.
+    ``Linear8bitLt``: its class becomes a subclass whose forward runs under ``_FrozenInt8Linear`` when the layer
+    is frozen (same output, same input gradient, no copy of ``x`` kept; ``Int8LinearKeepingNoInput``).
+    ``Linear4bit``: keeps only its packed weight already; its CPU inference repacking is turned off, since a
+    training forward after it has no backward. Idempotent; a model without bitsandbytes layers is left alone.
     """
     try:
         bnb = importlib.import_module("bitsandbytes")
@@ -169,9 +199,13 @@ def keep_no_quantized_inputs(model: nn.Module) -> int:
         return 0
     changed = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear8bitLt) and not getattr(module, "_keeps_no_input", False):
-            module.forward = functools.partial(_int8_forward_keeping_no_input, module, module.forward)
-            module._keeps_no_input = True
+        if isinstance(module, bnb.nn.Linear8bitLt) and not isinstance(module, Int8LinearKeepingNoInput):
+            if "forward" in vars(module):
+                raise ValueError(
+                    f"keep_no_quantized_inputs: a {type(module).__name__} has its forward replaced on the instance "
+                    f"({vars(module)['forward']!r}); remove that wrapper first."
+                )
+            module.__class__ = _keeping_no_input_class(type(module))
             changed += 1
         elif isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False

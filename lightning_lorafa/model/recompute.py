@@ -16,7 +16,6 @@ losses and gradients equal those of a run without recomputation.
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from torch import nn
@@ -99,40 +98,69 @@ def _gated_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.act_fn(module.gate_proj(x)) * module.up_proj(x)
 
 
-def _recomputed_gated(module: nn.Module):
-    """A gated MLP's ``forward`` that recomputes ``act_fn(gate_proj(x)) * up_proj(x)`` in backward.
+class RecomputedMLP:
+    """Marks a module whose class ``recompute_mlps`` swapped for a subclass that recomputes its MLP in backward.
 
+    The subclass (``Recomputed<Class>``) inherits everything from the model's own class and overrides one
+    method, ``forward`` or ``feed_forward_chunk`` (``recomputed_method``); the instance's attributes, parameters,
+    state-dict keys and ``isinstance`` checks are unchanged. Assigning ``__class__`` is how torch's own
+    ``fully_shard`` adds behaviour to a module in place.
+    """
+
+    recomputed_method: str = "forward"
+    recomputes_gated_product: bool = False
+
+    def __reduce_ex__(self, protocol):
+        """Pickle (``torch.save(model)``, ``copy.deepcopy``) by the model's own class: rebuilt through
+        ``_recomputed_class`` on load, since the subclass is made at run time."""
+        reduced = super().__reduce_ex__(protocol)
+        original = type(self).__mro__[2]  # (Recomputed<cls>, RecomputedMLP, cls, ...)
+        return (_new_recomputed, (original, self.recomputed_method, self.recomputes_gated_product), *reduced[2:])
+
+
+_RECOMPUTED_CLASSES: dict[tuple[type, str, bool], type] = {}
+
+
+def _recomputed_class(cls: type, method: str, gated: bool) -> type:
+    """``Recomputed<cls>``: ``cls`` with ``method`` run under ``checkpoint_mlp`` when gradients are on.
+
+    For a gated MLP (``gated``), ``forward`` recomputes only ``act_fn(gate_proj(x)) * up_proj(x)``:
     ``down_proj`` stays outside the checkpoint: with its weight frozen it keeps only its LoRA-FA ``h``, never
     its (..., d_ff) input, so recomputing it would buy nothing; backward runs gate and up once more, not down.
+    Otherwise the whole method is recomputed. The override carries the original's signature
+    (``functools.wraps``): transformers' ``apply_chunking_to_forward`` counts the parameters of
+    ``feed_forward_chunk``. One class per (``cls``, ``method``, ``gated``), made once.
     """
+    key = (cls, method, gated)
+    if key in _RECOMPUTED_CLASSES:
+        return _RECOMPUTED_CLASSES[key]
+    original = getattr(cls, method)
+    if gated:
 
-    @functools.wraps(type(module).forward)
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return type(self).forward(self, x)
-        return self.down_proj(checkpoint_mlp(_gated_product, self, x))
+        @functools.wraps(original)
+        def recomputed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled():
+                return original(self, x)
+            return self.down_proj(checkpoint_mlp(_gated_product, self, x))
 
-    return types.MethodType(forward, module)
+    else:
+
+        @functools.wraps(original)
+        def recomputed(self: nn.Module, *args, **kwargs):
+            if not torch.is_grad_enabled():
+                return original(self, *args, **kwargs)
+            return checkpoint_mlp(original, self, *args, **kwargs)
+
+    namespace = {method: recomputed, "recomputed_method": method, "recomputes_gated_product": gated}
+    namespace["__module__"] = __name__
+    _RECOMPUTED_CLASSES[key] = type(f"Recomputed{cls.__name__}", (RecomputedMLP, cls), namespace)
+    return _RECOMPUTED_CLASSES[key]
 
 
-def _recomputed(module: nn.Module, method: str):
-    """A replacement for ``module.<method>`` that checkpoints the class's ``method`` when gradients are on
-    (for a gated MLP, ``_recomputed_gated``).
-
-    It carries the original's signature (``functools.wraps``): transformers' ``apply_chunking_to_forward``
-    counts the parameters of ``feed_forward_chunk``.
-    """
-    if method == "forward" and _is_gated(module):
-        return _recomputed_gated(module)
-
-    @functools.wraps(getattr(type(module), method))
-    def recomputed(self: nn.Module, *args, **kwargs):
-        original = getattr(type(self), method)
-        if not torch.is_grad_enabled():
-            return original(self, *args, **kwargs)
-        return checkpoint_mlp(original, self, *args, **kwargs)
-
-    return types.MethodType(recomputed, module)
+def _new_recomputed(cls: type, method: str, gated: bool) -> nn.Module:
+    """An empty instance of ``Recomputed<cls>`` for unpickling (its state is set afterwards)."""
+    recomputed = _recomputed_class(cls, method, gated)
+    return recomputed.__new__(recomputed)
 
 
 def checkpoint_mlp(function, module: nn.Module, *args, **kwargs):
@@ -149,7 +177,7 @@ def checkpoint_mlp(function, module: nn.Module, *args, **kwargs):
 
 
 def _is_recomputed(module: nn.Module) -> bool:
-    return getattr(module, "_lorafa_recompute", None) is not None
+    return isinstance(module, RecomputedMLP)
 
 
 def recompute_mlps(model: nn.Module) -> list[str]:
@@ -158,8 +186,9 @@ def recompute_mlps(model: nn.Module) -> list[str]:
     Each region keeps its input (tokens, d) through the checkpoint and nothing inside: no activation input,
     no LoRA-FA ``h``, no LayerNorm input. Regions: a gated MLP up to ``down_proj`` (which keeps only its ``h``);
     T5's ``DenseReluDense`` whole; a BERT/RoBERTa layer's ``intermediate`` and ``output`` (dense, dropout and the
-    residual LayerNorm). The module's parameters and state-dict keys are unchanged. Applying it twice changes
-    nothing more.
+    residual LayerNorm). Each region's module gets a subclass of its class overriding the one method
+    (``RecomputedMLP``): its parameters, state-dict keys and ``isinstance`` checks are unchanged. Applying it
+    twice changes nothing more.
 
     Raises:
         ValueError: no MLP is recognised in ``model``, or its blocks already use activation checkpointing.
@@ -187,8 +216,8 @@ def recompute_mlps(model: nn.Module) -> list[str]:
                     f"recompute='mlp': {name}.{method} is already replaced on the instance "
                     f"({vars(module)[method]!r}); remove that wrapper first."
                 )
-            setattr(module, method, _recomputed(module, method))
-            module._lorafa_recompute = method
+            gated = method == "forward" and _is_gated(module)
+            module.__class__ = _recomputed_class(type(module), method, gated)
         names.append(f"{name}.{method}" if method != "forward" else name)
     return names
 

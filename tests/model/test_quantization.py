@@ -19,6 +19,7 @@ from lightning_lorafa import apply_lorafa, create_lorafa_optimizer, load_adapter
 from lightning_lorafa.adapters.find import lorafa_layers
 from lightning_lorafa.adapters.linear import is_quantized
 from lightning_lorafa.model.quantization import (
+    Int8LinearKeepingNoInput,
     keep_no_quantized_inputs,
     load_quantized_model,
     quantization_config,
@@ -91,7 +92,7 @@ def token_ids(device: torch.device) -> torch.Tensor:
 def test_quantized_base_trains_B_in_float32_and_refuses_merging(llama_path, kind):
     model = quantized_lorafa(llama_path, kind)
     layers = lorafa_layers(model)
-    assert len(layers) == 14 and all(type(layer.base) is QUANTIZED_TYPES[kind] for layer in layers.values())
+    assert len(layers) == 14 and all(isinstance(layer.base, QUANTIZED_TYPES[kind]) for layer in layers.values())
     assert all(layer.lora_B.dtype == torch.float32 and layer.lora_A.dtype == torch.float32 for layer in layers.values())
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     optimizer = create_lorafa_optimizer(model, lr=1e-2)
@@ -105,6 +106,40 @@ def test_quantized_base_trains_B_in_float32_and_refuses_merging(llama_path, kind
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
     with pytest.raises(TypeError, match="Cannot merge into a quantized"):
         next(iter(layers.values())).merge()
+
+
+def test_int8_layers_get_a_subclass_once_and_keep_their_state(llama_path, tmp_path):
+    """keep_no_quantized_inputs gives each Linear8bitLt a subclass overriding forward (no instance attribute);
+    names, state-dict keys and values stay; a second call changes nothing; torch.save / deepcopy keep it;
+    a forward already replaced on the instance is refused by name."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(
+        llama_path, quantization_config=quantization_config("int8"), device_map={"": "cpu"}
+    )
+    state = plain.state_dict()
+    assert keep_no_quantized_inputs(plain) == 14 and keep_no_quantized_inputs(plain) == 0
+    int8 = [m for m in plain.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(int8) == 14 and {type(m).__name__ for m in int8} == {"Linear8bitLtKeepingNoInput"}
+    assert all("forward" not in vars(m) for m in int8)
+    assert plain.state_dict().keys() == state.keys()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in state.items())
+    torch.save(plain, tmp_path / "model.pt")
+    for other in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(plain)):
+        assert isinstance(other.model.layers[0].mlp.down_proj, Int8LinearKeepingNoInput)
+        with torch.no_grad():
+            ids = token_ids(torch.device("cpu"))
+            assert torch.equal(other(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+    wrapped = AutoModelForCausalLM.from_pretrained(
+        llama_path, quantization_config=quantization_config("int8"), device_map={"": "cpu"}
+    )
+    layer = wrapped.model.layers[0].mlp.down_proj
+    layer.forward = functools.partial(type(layer).forward, layer)
+    with pytest.raises(ValueError, match="Linear8bitLt has its forward replaced on the instance"):
+        keep_no_quantized_inputs(wrapped)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
@@ -131,7 +166,8 @@ def test_quantized_matmul_keeps_no_input(llama_path, kind):
     ours = leaf.grad.clone()
 
     if kind == "int8":  # bitsandbytes' own int8 matmul keeps x: the check above can fail
-        layer.base.forward = layer.base.forward.args[1]
+        assert isinstance(layer.base, Int8LinearKeepingNoInput)
+        layer.base.__class__ = bnb.nn.Linear8bitLt  # bitsandbytes' own class again
         leaf.grad = None
         y, freed, _ = forward_and_check()
         assert not freed
@@ -196,7 +232,7 @@ def test_callback_makes_an_int8_base_from_from_pretrained_keep_no_input(llama_pa
         llama_path, quantization_config=quantization_config("int8"), device_map={"": "cpu"}
     )
     int8 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-    assert int8 and not any(getattr(m, "_keeps_no_input", False) for m in int8)
+    assert int8 and not any(isinstance(m, Int8LinearKeepingNoInput) for m in int8)
 
     class Tuned(pl.LightningModule):
         def __init__(self) -> None:
@@ -212,4 +248,5 @@ def test_callback_makes_an_int8_base_from_from_pretrained_keep_no_input(llama_pa
     ids = token_ids(torch.device("cpu"))
     trainer = quiet_trainer(tmp_path, max_steps=1, callbacks=[LoraFA(r=R, alpha=8, lr=0.001)])
     trainer.fit(Tuned(), DataLoader(TensorDataset(ids), batch_size=2))
-    assert all(m._keeps_no_input for m in int8)
+    assert all(type(m).__name__ == "Linear8bitLtKeepingNoInput" for m in int8)
+    assert all(isinstance(m, (Int8LinearKeepingNoInput, bnb.nn.Linear8bitLt)) for m in int8)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import VOCAB, TwoLayerNet, classification_batches, randomize_lora_B, tiny_llama, tiny_roberta, tiny_t5
 from lightning.pytorch.strategies import FSDPStrategy
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from lightning_lorafa import (
     LoraFA,
@@ -187,11 +188,42 @@ def test_state_dict_is_unchanged_and_applying_twice_changes_nothing():
     apply_lorafa(model, r=R, alpha=8)
     keys = list(model.state_dict())
     names = apply_recompute(model, "mlp")
-    forward = model.model.layers[0].mlp.forward
+    mlp = model.model.layers[0].mlp
+    recomputed = type(mlp)
+    assert recomputed.__name__ == "RecomputedLlamaMLP" and isinstance(mlp, LlamaMLP)
+    assert type(model.model.layers[1].mlp) is recomputed  # one class per MLP class
+    assert "forward" not in vars(mlp)  # the class overrides it, not the instance
     assert apply_recompute(model, "mlp") == names
-    assert model.model.layers[0].mlp.forward is forward
+    assert type(mlp) is recomputed and recomputed.__mro__[2] is LlamaMLP
     assert list(model.state_dict()) == keys
     assert apply_recompute(model, "none") == []
+
+
+def test_recomputed_model_pickles_and_copies(tmp_path):
+    """``torch.save(model)`` / ``torch.load`` and ``copy.deepcopy`` keep the recomputing classes and the
+    results: the same loss and B gradients as the original."""
+    import copy
+
+    model = build("roberta", "mlp")
+    torch.save(model, tmp_path / "model.pt")
+    for other in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        layer = other.roberta.encoder.layer[0]
+        assert type(layer) is type(model.roberta.encoder.layer[0]) and layer.recomputed_method == "feed_forward_chunk"
+        loss, grads = loss_and_B_grads(model, roberta_batch())
+        loss_o, grads_o = loss_and_B_grads(other, roberta_batch())
+        assert torch.equal(loss, loss_o) and all(torch.equal(g, grads_o[n]) for n, g in grads.items())
+        model.zero_grad()
+    llama = build("llama", "mlp")
+    assert copy.deepcopy(llama).model.layers[0].mlp.recomputes_gated_product
+
+
+def test_a_forward_replaced_on_the_instance_is_refused():
+    """It would shadow the recomputing subclass's method: recompute='mlp' would silently do nothing there."""
+    model = tiny_llama()
+    mlp = model.model.layers[1].mlp
+    mlp.forward = mlp.forward  # e.g. a user's own wrapper, bound to the instance
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.forward is already replaced on the instance"):
+        apply_recompute(model, "mlp")
 
 
 def test_no_grad_forward_is_unchanged():
@@ -274,7 +306,7 @@ def test_callback_trains_the_same_and_resumes_exactly(tmp_path):
     _, plain = fit(tmp_path / "none", "none", epochs=2)
     _, straight = fit(tmp_path / "mlp", "mlp", epochs=2)
     first, half = fit(tmp_path / "half", "mlp", epochs=1)
-    assert find_mlps(straight.model)["roberta.encoder.layer.0"][0]._lorafa_recompute == "feed_forward_chunk"
+    assert find_mlps(straight.model)["roberta.encoder.layer.0"][0].recomputed_method == "feed_forward_chunk"
     _, resumed = fit(tmp_path / "half", "mlp", epochs=2, ckpt_path=first.checkpoint_callback.best_model_path)
     expected, got, resumed_state = trained(plain), trained(straight), trained(resumed)
     assert len([n for n in expected if n.endswith("lora_B")]) == 12
