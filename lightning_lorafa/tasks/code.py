@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
-    PreTrainedTokenizerBase,
     StoppingCriteriaList,
     StopStringCriteria,
 )
 
 from lightning_lorafa.tasks import humaneval
 from lightning_lorafa.tasks.common import (
+    LeftPaddedPrompts,
     TaskDataModule,
     TaskModule,
     check_columns,
@@ -63,23 +63,6 @@ def first_code_block(answer: str) -> str | None:
     if len(parts) < 3:
         return None
     return humaneval.CODE_FENCE.join(parts[:2]) + humaneval.CODE_FENCE
-
-
-class ProblemPrompts:
-    """Collates HumanEval prompts: `input_ids` and `attention_mask` left-padded (B, S), so generation continues every
-    prompt at once; `problem`, the problems (`task_id`, `prompt`, `entry_point`, `test`) the harness needs; and
-    `prompt_style`, which says where each completion's code starts and ends."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_style: humaneval.PromptStyle) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_style = prompt_style
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        prompts = [{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in features]
-        batch = dict(self.tokenizer.pad(prompts, padding_side="left", return_tensors="pt"))
-        batch["problem"] = [{c: f[c] for c in humaneval.PROBLEM_COLUMNS} for f in features]
-        batch["prompt_style"] = self.prompt_style
-        return batch
 
 
 class CodeDataModule(TaskDataModule):
@@ -143,7 +126,10 @@ class CodeDataModule(TaskDataModule):
         self.max_test_problems = max_test_problems
         self.packing = packing
         self.collate = training_collator(self.tokenizer, packing)
-        self.prompt_collate = ProblemPrompts(self.tokenizer, prompt_style)
+        # batch["problem"]: what the harness needs of each problem; batch["prompt_style"]: where its code starts
+        self.prompt_collate = LeftPaddedPrompts(
+            self.tokenizer, humaneval.PROBLEM_COLUMNS, grouped_as="problem", constants={"prompt_style": prompt_style}
+        )
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and "train" not in self.datasets:

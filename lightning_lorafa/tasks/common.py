@@ -142,6 +142,36 @@ def gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+class LeftPaddedPrompts:
+    """Collates generation prompts: `input_ids` and `attention_mask` left-padded (B, S), so every prompt ends at the
+    last column and generation continues all of them at once.
+
+    Args:
+        carried: columns passed on as lists of the rows' values (`batch[column]`), or, with `grouped_as`, as one
+            list of per-row dicts of those columns (`batch[grouped_as]`).
+        constants: entries added to every batch as they are.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        carried: Sequence[str] = (),
+        grouped_as: str | None = None,
+        constants: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.carried, self.grouped_as, self.constants = tuple(carried), grouped_as, dict(constants or {})
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts = [{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in features]
+        batch = dict(self.tokenizer.pad(prompts, padding_side="left", return_tensors="pt"))
+        if self.grouped_as is not None:
+            batch[self.grouped_as] = [{c: f[c] for c in self.carried} for f in features]
+        else:
+            batch.update({c: [f[c] for f in features] for c in self.carried})
+        return batch | self.constants
+
+
 def stateful_loader(
     dataset: Any,
     batch_size: int,

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from lightning_lorafa.tasks.common import (
+    LeftPaddedPrompts,
     TaskDataModule,
     TaskModule,
     check_columns,
@@ -88,20 +89,6 @@ def encode_question(prompt: str, tokenizer: PreTrainedTokenizerBase) -> dict[str
     return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
 
-class LeftPaddedPrompts:
-    """Collates generation prompts: `input_ids` and `attention_mask` left-padded (B, S), so every prompt ends at the
-    last column and generation continues all of them at once, and `answer`, the gold answers as strings."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = tokenizer
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        prompts = [{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in features]
-        batch = dict(self.tokenizer.pad(prompts, padding_side="left", return_tensors="pt"))
-        batch["answer"] = [f["answer"] for f in features]
-        return batch
-
-
 class MathDataModule(TaskDataModule):
     """MetaMathQA-format training rows and GSM8K-format questions for validation and test.
 
@@ -165,7 +152,7 @@ class MathDataModule(TaskDataModule):
         self.prompt_template = prompt_template
         self.packing = packing
         self.collate = training_collator(self.tokenizer, packing)
-        self.prompt_collate = LeftPaddedPrompts(self.tokenizer)
+        self.prompt_collate = LeftPaddedPrompts(self.tokenizer, ["answer"])  # batch["answer"]: the gold answers
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and "train" not in self.datasets:
