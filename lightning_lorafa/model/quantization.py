@@ -14,11 +14,14 @@ no backward, so later training would silently drop the input gradient.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_lorafa.model.in_place import InPlaceSubclass
 
 #: Accepted values of ``quantization``: 4-bit NormalFloat with double quantization, or LLM.int8().
 QUANTIZATION_KINDS = ("nf4", "int8")
@@ -146,13 +149,9 @@ class _FrozenInt8Linear(torch.autograd.Function):
         return grad_x.view(ctx.x_shape), None, None
 
 
-class Int8LinearKeepingNoInput:
+class Int8LinearKeepingNoInput(InPlaceSubclass):
     """Marks a ``Linear8bitLt`` whose class ``keep_no_quantized_inputs`` swapped for a subclass whose frozen
-    forward runs under ``_FrozenInt8Linear`` (``<Class>KeepingNoInput``).
-
-    The instance's attributes, parameters, state-dict keys and ``isinstance`` checks are unchanged; assigning
-    ``__class__`` is how torch's own ``fully_shard`` adds behaviour to a module in place.
-    """
+    forward runs under ``_FrozenInt8Linear`` (``<Class>KeepingNoInput``; see ``in_place``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         bitsandbytes_forward = super().forward
@@ -162,27 +161,12 @@ class Int8LinearKeepingNoInput:
             return bitsandbytes_forward(x)
         return _FrozenInt8Linear.apply(x, self, bitsandbytes_forward)
 
-    def __reduce_ex__(self, protocol):
-        """Pickle by the bitsandbytes class; rebuilt through ``_keeping_no_input_class`` on load."""
-        reduced = super().__reduce_ex__(protocol)
-        return (_new_keeping_no_input, (type(self).__mro__[2],), *reduced[2:])
 
-
-_KEEPING_NO_INPUT_CLASSES: dict[type, type] = {}
-
-
+@functools.cache
 def _keeping_no_input_class(cls: type) -> type:
     """``<cls>KeepingNoInput``: ``cls`` (a ``Linear8bitLt`` class) with ``Int8LinearKeepingNoInput``'s forward."""
-    if cls not in _KEEPING_NO_INPUT_CLASSES:
-        bases, namespace = (Int8LinearKeepingNoInput, cls), {"__module__": __name__}
-        _KEEPING_NO_INPUT_CLASSES[cls] = type(f"{cls.__name__}KeepingNoInput", bases, namespace)
-    return _KEEPING_NO_INPUT_CLASSES[cls]
-
-
-def _new_keeping_no_input(cls: type) -> nn.Module:
-    """An empty instance of ``<cls>KeepingNoInput`` for unpickling (its state is set afterwards)."""
-    swapped = _keeping_no_input_class(cls)
-    return swapped.__new__(swapped)
+    namespace = {"made_by": (_keeping_no_input_class, (cls,)), "__module__": __name__}
+    return type(f"{cls.__name__}KeepingNoInput", (Int8LinearKeepingNoInput, cls), namespace)
 
 
 def keep_no_quantized_inputs(model: nn.Module) -> int:

@@ -23,6 +23,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 from torch.utils.checkpoint import checkpoint
 
 from lightning_lorafa.adapters.linear import LoraFALinear, is_linear
+from lightning_lorafa.model.in_place import InPlaceSubclass
 from lightning_lorafa.model.select import pretrained_models
 from lightning_lorafa.settings import RECOMPUTE_MODES, Recompute
 
@@ -98,29 +99,18 @@ def _gated_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.act_fn(module.gate_proj(x)) * module.up_proj(x)
 
 
-class RecomputedMLP:
+class RecomputedMLP(InPlaceSubclass):
     """Marks a module whose class ``recompute_mlps`` swapped for a subclass that recomputes its MLP in backward.
 
     The subclass (``Recomputed<Class>``) inherits everything from the model's own class and overrides one
-    method, ``forward`` or ``feed_forward_chunk`` (``recomputed_method``); the instance's attributes, parameters,
-    state-dict keys and ``isinstance`` checks are unchanged. Assigning ``__class__`` is how torch's own
-    ``fully_shard`` adds behaviour to a module in place.
+    method, ``forward`` or ``feed_forward_chunk`` (``recomputed_method``); see ``in_place``.
     """
 
     recomputed_method: str = "forward"
     recomputes_gated_product: bool = False
 
-    def __reduce_ex__(self, protocol):
-        """Pickle (``torch.save(model)``, ``copy.deepcopy``) by the model's own class: rebuilt through
-        ``_recomputed_class`` on load, since the subclass is made at run time."""
-        reduced = super().__reduce_ex__(protocol)
-        original = type(self).__mro__[2]  # (Recomputed<cls>, RecomputedMLP, cls, ...)
-        return (_new_recomputed, (original, self.recomputed_method, self.recomputes_gated_product), *reduced[2:])
 
-
-_RECOMPUTED_CLASSES: dict[tuple[type, str, bool], type] = {}
-
-
+@functools.cache
 def _recomputed_class(cls: type, method: str, gated: bool) -> type:
     """``Recomputed<cls>``: ``cls`` with ``method`` run under ``checkpoint_mlp`` when gradients are on.
 
@@ -131,9 +121,6 @@ def _recomputed_class(cls: type, method: str, gated: bool) -> type:
     (``functools.wraps``): transformers' ``apply_chunking_to_forward`` counts the parameters of
     ``feed_forward_chunk``. One class per (``cls``, ``method``, ``gated``), made once.
     """
-    key = (cls, method, gated)
-    if key in _RECOMPUTED_CLASSES:
-        return _RECOMPUTED_CLASSES[key]
     original = getattr(cls, method)
     if gated:
 
@@ -152,15 +139,8 @@ def _recomputed_class(cls: type, method: str, gated: bool) -> type:
             return checkpoint_mlp(original, self, *args, **kwargs)
 
     namespace = {method: recomputed, "recomputed_method": method, "recomputes_gated_product": gated}
-    namespace["__module__"] = __name__
-    _RECOMPUTED_CLASSES[key] = type(f"Recomputed{cls.__name__}", (RecomputedMLP, cls), namespace)
-    return _RECOMPUTED_CLASSES[key]
-
-
-def _new_recomputed(cls: type, method: str, gated: bool) -> nn.Module:
-    """An empty instance of ``Recomputed<cls>`` for unpickling (its state is set afterwards)."""
-    recomputed = _recomputed_class(cls, method, gated)
-    return recomputed.__new__(recomputed)
+    namespace |= {"made_by": (_recomputed_class, (cls, method, gated)), "__module__": __name__}
+    return type(f"Recomputed{cls.__name__}", (RecomputedMLP, cls), namespace)
 
 
 def checkpoint_mlp(function, module: nn.Module, *args, **kwargs):
